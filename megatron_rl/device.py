@@ -246,6 +246,139 @@ def _patch_default_causal_mask() -> None:
     fused_softmax.get_default_causal_mask = get_default_causal_mask
 
 
+def _patch_fp32_optimizer_state_load() -> None:
+    """megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.
+    _set_main_param_and_optimizer_states copies loaded state into the main params. With fp32
+    model params (our CPU default) the main param is a *view* of the model param, which
+    requires grad, so the in-place ``copy_`` outside ``no_grad`` is refused by autograd. Run it
+    under ``no_grad`` (what the bf16 path effectively does)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    orig = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(orig, "_megatron_rl_no_grad", False):
+        return
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        with torch.no_grad():
+            return orig(self, model_param, tensors)
+
+    _set_main_param_and_optimizer_states._megatron_rl_no_grad = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+
+# Literal CUDA device/type spellings in upstream source and their CPU equivalents.
+_CUDA_LITERALS = (
+    ("device='cuda'", "device='cpu'"),
+    ('device="cuda"', 'device="cpu"'),
+    ("'torch.cuda.FloatTensor'", "'torch.FloatTensor'"),
+    ("'torch.cuda.HalfTensor'", "'torch.HalfTensor'"),
+    ("'torch.cuda.BFloat16Tensor'", "'torch.BFloat16Tensor'"),
+    ("torch.cuda.synchronize()", "None"),
+    ("torch.cuda.empty_cache()", "None"),
+    ("torch.cuda.current_stream()", "__import__('megatron_rl.device').device.NULL_STREAM"),
+    ("torch.cuda.stream(", "__import__('contextlib').nullcontext("),
+    ("send_tensor.cuda()", "send_tensor"),
+)
+
+
+class _NullStream:
+    """Stands in for a CUDA stream on CPU: every operation is already synchronous."""
+
+    def wait_event(self, *_):
+        return None
+
+    def wait_stream(self, *_):
+        return None
+
+    def record_event(self, *_):
+        return None
+
+    def synchronize(self):
+        return None
+
+
+NULL_STREAM = _NullStream()
+
+# Upstream functions whose bodies hard-code a CUDA device or CUDA tensor type names. On CPU they
+# are recompiled from their own source with ``_CUDA_LITERALS`` substituted (same logic, CPU
+# device), which is less invasive than re-implementing them and breaks loudly (the rewrite
+# refuses when no literal is found) when upstream changes them.
+_REWRITTEN = (
+    # MixedPrecisionOptimizer.__init__: found_inf / _dummy_overflow_buf / _scale_one on 'cuda'.
+    "megatron.core.optimizer.optimizer:MixedPrecisionOptimizer.__init__",
+    # MegatronOptimizer.has_grad_norm_group: all-reduces a flag tensor made on 'cuda'.
+    "megatron.core.optimizer.optimizer:MegatronOptimizer.has_grad_norm_group",
+    # FP32Optimizer.__init__: _scale on 'cuda'.
+    "megatron.core.optimizer.optimizer:FP32Optimizer.__init__",
+    # DistributedOptimizer: accepts only 'torch.cuda.*Tensor' params.
+    "megatron.core.optimizer.distrib_optimizer:"
+    "DistributedOptimizer._build_model_and_main_param_groups",
+    # torch_dist save: synchronises CUDA after the (no-op on CPU) device-to-host copies.
+    "megatron.core.dist_checkpointing.strategies.filesystem_async:"
+    "FileSystemWriterAsync.preload_tensors",
+    # DistributedOptimizer.get_parameter_state_dp_zero: gathers state shards via .cuda().
+    "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.get_parameter_state_dp_zero",
+    # Float16OptimizerWithFloat16Params.__init__: same type check for the non-distributed path.
+    "megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params.__init__",
+    # clip_grads: total norm buffers on 'cuda'.
+    "megatron.core.optimizer.clip_grads:get_grad_norm_fp32",
+    "megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32",
+    "megatron.core.optimizer.clip_grads:count_zeros_fp32",
+    # schedules: total_num_tokens accumulator on 'cuda' (per-token loss).
+    "megatron.core.pipeline_parallel.schedules:forward_backward_no_pipelining",
+    "megatron.core.pipeline_parallel.schedules:forward_backward_pipelining_without_interleaving",
+    # local fallback for amp_C.multi_tensor_l2norm returns its result on "cuda".
+    "megatron.core.utils:local_multi_tensor_l2_norm",
+    # grad-sync: waits on torch.cuda.current_stream() / communication stream.
+    "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBucketGroup.start_grad_sync",
+    "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBucketGroup.finish_grad_sync",
+)
+
+
+def _rewrite_function(qualname: str) -> None:
+    """Recompile ``qualname`` from its source with ``_CUDA_LITERALS`` substituted."""
+    import importlib
+    import re
+    import textwrap
+
+    mod_name, _, attr_path = qualname.partition(":")
+    module = importlib.import_module(mod_name)
+    *owner_path, name = attr_path.split(".")
+    owner = module
+    for part in owner_path:
+        owner = getattr(owner, part)
+    raw = owner.__dict__[name] if owner is not module else getattr(module, name)
+    fn = inspect.unwrap(raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw)
+    src = textwrap.dedent(inspect.getsource(fn))
+    new = src
+    for old, rep in _CUDA_LITERALS:
+        new = new.replace(old, rep)
+    if new == src:
+        raise RuntimeError(f"CPU rewrite of {qualname}: no CUDA literal found; upstream changed")
+    if owner_path:  # zero-argument super() needs the class cell: make it explicit
+        new = re.sub(r"super\(\)", f"super({owner_path[-1]}, self)", new)
+    namespace: dict = {}
+    exec(compile(new, f"<megatron_rl.device CPU rewrite of {qualname}>", "exec"),
+         module.__dict__, namespace)
+    old_obj = getattr(owner, name)
+    setattr(owner, name, namespace[name])
+    if not owner_path:  # re-point `from x import fn [as alias]` copies in megatron modules
+        import sys
+
+        for mname, mod in list(sys.modules.items()):
+            if not mname.startswith("megatron") or mod is None:
+                continue
+            for attr, val in list(vars(mod).items()):
+                if val is old_obj:
+                    setattr(mod, attr, namespace[name])
+
+
+def _patch_cuda_literals() -> None:
+    """See ``_REWRITTEN``."""
+    for qualname in _REWRITTEN:
+        _rewrite_function(qualname)
+
+
 # (upstream qualified name, patch function). The qualified names are fingerprinted by the tests.
 _PATCHES: list[tuple[tuple[str, ...], Callable[[], None]]] = [
     (
@@ -283,6 +416,12 @@ _PATCHES: list[tuple[tuple[str, ...], Callable[[], None]]] = [
         _patch_norm,
     ),
     (("megatron.core.transformer.utils:get_default_causal_mask",), _patch_default_causal_mask),
+    (_REWRITTEN, _patch_cuda_literals),
+    (
+        ("megatron.core.optimizer.distrib_optimizer:"
+         "DistributedOptimizer._set_main_param_and_optimizer_states",),
+        _patch_fp32_optimizer_state_load,
+    ),
 ]
 
 

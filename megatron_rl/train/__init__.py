@@ -1,0 +1,1 @@
+"""Training loops (sft.py; grpo.py later) and the shared Megatron machinery (engine.py)."""
