@@ -278,6 +278,7 @@ _CUDA_LITERALS = (
     ("torch.cuda.current_stream()", "__import__('megatron_rl.device').device.NULL_STREAM"),
     ("torch.cuda.stream(", "__import__('contextlib').nullcontext("),
     ("send_tensor.cuda()", "send_tensor"),
+    ("weight.data.cuda()", "weight.data"),
 )
 
 
@@ -327,6 +328,12 @@ _REWRITTEN = (
     # schedules: total_num_tokens accumulator on 'cuda' (per-token loss).
     "megatron.core.pipeline_parallel.schedules:forward_backward_no_pipelining",
     "megatron.core.pipeline_parallel.schedules:forward_backward_pipelining_without_interleaving",
+    # pipeline p2p: torch.cuda.synchronize() after batched isend/irecv (batch_p2p_sync).
+    "megatron.core.pipeline_parallel.p2p_communication:P2PCommunicator._communicate",
+    "megatron.core.pipeline_parallel.p2p_communication:P2PCommunicator._communicate_shapes",
+    # tied embeddings with PP > 1: the last stage's output weight is moved with .cuda().
+    "megatron.core.models.common.language_module.language_module:"
+    "LanguageModule.setup_embeddings_and_output_layer",
     # local fallback for amp_C.multi_tensor_l2norm returns its result on "cuda".
     "megatron.core.utils:local_multi_tensor_l2_norm",
     # grad-sync: waits on torch.cuda.current_stream() / communication stream.

@@ -111,11 +111,12 @@ def init_parallel(pc: ParallelConfig, *, device: str | None = None, seed: int = 
     return dev
 
 
-def destroy_parallel() -> None:
-    """Tear down Megatron's groups and the default process group (safe to call twice)."""
+def destroy_parallel(*, keep_process_group: bool = False) -> None:
+    """Tear down Megatron's groups and (unless ``keep_process_group``) the default process group,
+    so another layout can be initialised in the same processes. Safe to call twice."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if torch.distributed.is_initialized():
+    if torch.distributed.is_initialized() and not keep_process_group:
         torch.distributed.destroy_process_group()

@@ -166,15 +166,39 @@ def build_model(hf_config: dict, config, *, pre_process: bool = True, post_proce
         vp_stage=vp_stage,
     )
     gkw = family.gpt_kwargs(hf_config)
-    return GPTModel(
+    vocab_size = gkw.pop("vocab_size")
+    model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
-        vocab_size=padded_vocab_size(gkw.pop("vocab_size"), config.tensor_model_parallel_size),
+        vocab_size=padded_vocab_size(vocab_size, config.tensor_model_parallel_size),
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,
         **gkw,
     )
+    if post_process:
+        mask_padded_vocab(model.output_layer, vocab_size)
+    return model
+
+
+def mask_padded_vocab(output_layer, vocab_size: int) -> None:
+    """Make the padded vocab rows invisible: logits of columns >= ``vocab_size`` are set to the
+    dtype's lowest value, so softmax / cross entropy / logprobs are those of the real (HF)
+    vocabulary in every TP layout (Megatron pads to a multiple of 128 * tp, and otherwise the
+    padded rows take probability mass and the loss depends on tp). Gradient to those rows is 0.
+    """
+    from megatron.core import parallel_state as ps
+
+    def hook(module, args, output):
+        logits, bias = output  # logits [S, B, V_padded / tp]
+        local = logits.shape[-1]
+        start = ps.get_tensor_model_parallel_rank() * local
+        if start + local <= vocab_size:
+            return output
+        cols = torch.arange(start, start + local, device=logits.device) >= vocab_size
+        return logits.masked_fill(cols, torch.finfo(logits.dtype).min), bias
+
+    output_layer.register_forward_hook(hook)
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:

@@ -39,7 +39,7 @@ def config_kwargs(hf: dict) -> dict:
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=bool(hf.get("attention_bias", False)),
-        num_moe_experts=hf["num_experts"],
+        num_moe_experts=hf.get("num_experts", hf.get("num_local_experts")),
         moe_ffn_hidden_size=hf["moe_intermediate_size"],
         moe_router_topk=hf["num_experts_per_tok"],
         moe_layer_freq=_moe_layer_freq(hf),

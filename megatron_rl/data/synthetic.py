@@ -1,0 +1,257 @@
+"""Synthetic verifiable reasoning task after GSM-Infinite, small enough for a ~2M-parameter model.
+
+Source: GSM-Infinite (Zhou et al., arXiv 2502.05252) as used to control reasoning depth in
+"On the Interplay of Pre-Training, Mid-Training, and RL on Reasoning Language Models"
+(arXiv 2512.07783): a problem is a dependency graph of named quantities and its difficulty is
+the number of operations `op` needed to reach the asked quantity.
+
+One problem (op = 3):
+    prompt:   "Ann has 3 apples. Bob has 4 more apples than Ann. Cal has twice as many apples
+               as Bob. Dan has as many apples as Cal and Ann together. How many apples does
+               Dan have?"
+    solution: "Bob has 3 + 4 = 7 apples.\nCal has 7 * 2 = 14 apples.\n
+               Dan has 14 + 3 = 17 apples.\nThe answer is \\boxed{17}."
+    label:    "17"
+
+Graph: one leaf (1..9), then `op` derived quantities; each derives from the one defined just
+before it (so every op is needed) with +k, -k (k in 1..9), x2 / x3, or + an earlier quantity.
+Every value stays in 0..MAX_VALUE, so no negatives and at most two digits.
+
+Determinism: problem (seed, op, index) comes from `random.Random(f"gsm-synth:{seed}:{op}:{index}")`
+(string seeding is stable across processes and PYTHONHASHSEED).
+
+Left out on purpose: GSM-Infinite's distractor quantities, shuffled statement order and
+multi-entity hierarchies -- they cost tokens a tiny model cannot afford.
+
+Reward: `verify(response, label)` -> 1.0 / 0.0 on the extracted final answer (last \\boxed{...},
+else "The answer is N", else the last number), after normalisation.
+
+CLI: python -m megatron_rl.data.synthetic --out DIR --seed N [--n-train N] [--n-eval N]
+writes train.jsonl (id band) and eval_{id,ood_mid,ood_hard}.jsonl with seeds disjoint from train
+and no eval prompt equal to a train prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+from collections.abc import Collection
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+NAMES = ("Ann", "Bob", "Cal", "Dan", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon")
+ITEMS = ("apples", "pens", "cards", "coins", "books")
+MAX_VALUE = 99
+MAX_OP = len(NAMES) - 1
+SPLITS: dict[str, tuple[int, int]] = {"id": (1, 3), "ood_mid": (4, 5), "ood_hard": (6, 8)}
+EVAL_SEED_STRIDE = 10**9  # eval split k uses seed + k * stride; train seeds must be below it
+
+
+def _derive(rng: random.Random, values: list[int], names: list[str], item: str) -> tuple[int, str, str]:
+    """One derived quantity from values[-1]. Returns (value, statement, solution line) minus the name."""
+    pv, parent = values[-1], names[len(values) - 1]
+    kinds = []
+    if pv < MAX_VALUE:
+        kinds.append("add")
+    if pv >= 1:
+        kinds.append("sub")
+    if 2 * pv <= MAX_VALUE:
+        kinds.append("mul")
+    others = [i for i in range(len(values) - 1) if pv + values[i] <= MAX_VALUE]
+    if others:
+        kinds.append("sum")
+    kind = rng.choice(kinds)
+    if kind == "add":
+        k = rng.randint(1, min(9, MAX_VALUE - pv))
+        return pv + k, f"has {k} more {item} than {parent}.", f"has {pv} + {k} = {pv + k} {item}."
+    if kind == "sub":
+        k = rng.randint(1, min(9, pv))
+        return pv - k, f"has {k} fewer {item} than {parent}.", f"has {pv} - {k} = {pv - k} {item}."
+    if kind == "mul":
+        k = rng.choice([m for m in (2, 3) if m * pv <= MAX_VALUE])
+        times = "twice" if k == 2 else "three times"
+        return pv * k, f"has {times} as many {item} as {parent}.", f"has {pv} * {k} = {pv * k} {item}."
+    i = rng.choice(others)
+    ov = values[i]
+    return (pv + ov, f"has as many {item} as {parent} and {names[i]} together.",
+            f"has {pv} + {ov} = {pv + ov} {item}.")
+
+
+def make_problem(seed: int, op: int, index: int) -> dict:
+    """Problem number `index` with `op` operations for `seed`; a pure function of its arguments.
+
+    Returns {"prompt": str, "label": str, "solution": str, "op": int}.
+    Raises ValueError if op is not in 1..MAX_OP (one name per quantity).
+    """
+    if not 1 <= op <= MAX_OP:
+        raise ValueError(f"op must be in 1..{MAX_OP}, got {op}")
+    rng = random.Random(f"gsm-synth:{seed}:{op}:{index}")
+    names = rng.sample(NAMES, op + 1)
+    item = rng.choice(ITEMS)
+    values = [rng.randint(1, 9)]
+    statements = [f"{names[0]} has {values[0]} {item}."]
+    steps = []
+    for _ in range(op):
+        value, statement, step = _derive(rng, values, names, item)
+        name = names[len(values)]
+        values.append(value)
+        statements.append(f"{name} {statement}")
+        steps.append(f"{name} {step}")
+    statements.append(f"How many {item} does {names[op]} have?")
+    steps.append(f"The answer is \\boxed{{{values[-1]}}}.")
+    return {"prompt": " ".join(statements), "label": str(values[-1]),
+            "solution": "\n".join(steps), "op": op}
+
+
+def op_range(split_or_op_range: str | tuple[int, int]) -> tuple[int, int]:
+    """Resolve a split name (SPLITS) or an inclusive (lo, hi) op range. Raises ValueError."""
+    if isinstance(split_or_op_range, str):
+        if split_or_op_range not in SPLITS:
+            raise ValueError(f"unknown split {split_or_op_range!r}; known: {sorted(SPLITS)}")
+        return SPLITS[split_or_op_range]
+    lo, hi = split_or_op_range
+    if not 1 <= lo <= hi <= MAX_OP:
+        raise ValueError(f"op range must satisfy 1 <= lo <= hi <= {MAX_OP}, got {(lo, hi)}")
+    return lo, hi
+
+
+def generate(split_or_op_range: str | tuple[int, int], n: int, seed: int, *,
+             exclude: Collection[str] = (), unique: bool = False) -> list[dict]:
+    """n problems with ops cycling through the (inclusive) op range, deterministic in seed.
+
+    Row r has op = lo + r % (hi - lo + 1). With `exclude` (prompts to avoid) or `unique`, a rejected
+    candidate is replaced by the next index for that op, so the output stays deterministic.
+    Raises ValueError on a bad range, or when 100 * n + 1000 candidates were rejected.
+    """
+    lo, hi = op_range(split_or_op_range)
+    ops = list(range(lo, hi + 1))
+    next_index = dict.fromkeys(ops, 0)
+    seen: set[str] = set()
+    rows, rejected = [], 0
+    while len(rows) < n:
+        op = ops[len(rows) % len(ops)]
+        row = make_problem(seed, op, next_index[op])
+        next_index[op] += 1
+        if row["prompt"] in exclude or (unique and row["prompt"] in seen):
+            rejected += 1
+            if rejected > 100 * n + 1000:
+                raise ValueError(f"cannot draw {n} new problems for ops {lo}..{hi}; space exhausted")
+            continue
+        seen.add(row["prompt"])
+        rows.append(row)
+    return rows
+
+
+def write_splits(out_dir: str | Path, seed: int, n_train: int, n_eval: int,
+                 splits: dict[str, tuple[int, int]] | None = None) -> dict[str, Path]:
+    """Write train.jsonl (the "id" band) and eval_<split>.jsonl for every split; return the paths.
+
+    Eval split k (1-based, in `splits` order) uses seed + k * EVAL_SEED_STRIDE, is de-duplicated and
+    excludes every train prompt. Raises ValueError if seed is outside [0, EVAL_SEED_STRIDE) or if an
+    eval prompt still appears in train (a bug guard).
+    """
+    from megatron_rl.data.jsonl import write_jsonl_atomic
+
+    if not 0 <= seed < EVAL_SEED_STRIDE:
+        raise ValueError(f"seed must be in [0, {EVAL_SEED_STRIDE}), got {seed}")
+    splits = dict(SPLITS if splits is None else splits)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train = generate(splits["id"], n_train, seed)
+    train_prompts = {r["prompt"] for r in train}
+    paths = {"train": out / "train.jsonl"}
+    write_jsonl_atomic(paths["train"], train)
+    for k, (name, rng) in enumerate(splits.items(), start=1):
+        rows = generate(rng, n_eval, seed + k * EVAL_SEED_STRIDE, exclude=train_prompts, unique=True)
+        leaked = [r["prompt"] for r in rows if r["prompt"] in train_prompts]
+        if leaked:
+            raise ValueError(f"eval split {name} leaks {len(leaked)} train prompts, e.g. {leaked[0]!r}")
+        paths[name] = out / f"eval_{name}.jsonl"
+        write_jsonl_atomic(paths[name], rows)
+    return paths
+
+
+# ---------------------------------------------------------------- verifier
+_ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*\$?\s*([-+]?\s*\d+(?:,\d{3})*(?:\.\d+)?)", re.IGNORECASE)
+_NUMBER = re.compile(r"(?:(?<![\w)\]}])-)?(?<![\d.])\d+(?:,\d{3})*(?:\.\d+)?")
+_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last balanced `\\boxed{...}` (nested braces allowed); None if there is none."""
+    start = text.rfind("\\boxed")
+    while start != -1:
+        i = start + len("\\boxed")
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i < len(text) and text[i] == "{":
+            depth = 0
+            for j in range(i, len(text)):
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                if depth == 0:
+                    return text[i + 1:j]
+        start = text.rfind("\\boxed", 0, start)  # unbalanced or bare: try the previous one
+    return None
+
+
+def extract_answer(response: str) -> str | None:
+    """Final answer of a response: last \\boxed{...}, else last "The answer is N", else last number."""
+    boxed = _last_boxed(response)
+    if boxed is not None:
+        return boxed
+    found = _ANSWER_IS.findall(response)
+    if found:
+        return found[-1]
+    found = _NUMBER.findall(response)
+    return found[-1] if found else None
+
+
+def normalize_answer(answer: str) -> str:
+    """Drop whitespace, `$`, digit-group commas, trailing ".", a leading "+"; "-0" -> "0"; 7.0 -> 7."""
+    s = re.sub(r"\s+", "", answer).replace("$", "")
+    s = re.sub(r"(?<=\d),(?=\d)", "", s).rstrip(".").removeprefix("+")
+    if _PLAIN_NUMBER.fullmatch(s):
+        try:
+            d = Decimal(s)
+        except InvalidOperation:
+            return s
+        s = format(d.normalize() if d != d.to_integral_value() else d.to_integral_value(), "f")
+        s = "0" if s in ("-0", "0") else s
+    return s
+
+
+def verify(response: str, label: str) -> float:
+    """1.0 if the response's final answer equals the label after normalisation, else 0.0.
+
+    Exact-match reward for `make_problem` rows (and any integer-answer task); never raises.
+    """
+    answer = extract_answer(response)
+    if answer is None:
+        return 0.0
+    return float(normalize_answer(answer) == normalize_answer(str(label)))
+
+
+# ---------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=20000)
+    p.add_argument("--n-eval", type=int, default=500, help="rows per eval split")
+    p.add_argument("--id-ops", default="1-3", help="op range of train and eval_id, e.g. 1-3")
+    p.add_argument("--ood-mid-ops", default="4-5")
+    p.add_argument("--ood-hard-ops", default="6-8")
+    a = p.parse_args(argv)
+
+    def parse(s: str) -> tuple[int, int]:
+        lo, _, hi = s.partition("-")
+        return int(lo), int(hi or lo)
+
+    splits = {"id": parse(a.id_ops), "ood_mid": parse(a.ood_mid_ops), "ood_hard": parse(a.ood_hard_ops)}
+    for name, path in write_splits(a.out, a.seed, a.n_train, a.n_eval, splits).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

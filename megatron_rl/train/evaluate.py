@@ -1,0 +1,107 @@
+"""Held-out evaluation: greedy generation + verifier -> exact-match accuracy per split.
+
+The sharded Megatron weights are gathered to rank 0 and converted to an HF model
+(``checkpoint.gather`` + ``checkpoint.hf_loader.full_state_to_hf``), which generates with a KV
+cache -- the same HF-transformers path as the embedded rollout engine, and ~L times cheaper than
+re-running Megatron's forward per token. Keys (identical on every rank):
+``eval/<split>/accuracy`` (fraction in [0, 1]), ``eval/<split>/n``,
+``eval/<split>/response_len_mean`` (tokens), ``eval/<split>/truncation_rate``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import torch
+
+from megatron_rl.data.chat import build_prompt_ids, end_of_turn_id
+from megatron_rl.data.jsonl import load_jsonl
+from megatron_rl.data.synthetic import verify
+
+
+def gather_hf_model(tr, hf_dir: str, hf_config: dict):
+    """Collective: returns an HF ``AutoModelForCausalLM`` (fp32, eval) with the trainer's
+    current weights on global rank 0, None elsewhere."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_rl.checkpoint.gather import gather_full_state_dict
+    from megatron_rl.checkpoint.hf_loader import full_state_to_hf
+
+    full = gather_full_state_dict(tr.model)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    parts = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(full, parts, dst=0)
+    if rank != 0:
+        return None
+    merged = {}
+    for p in parts:
+        merged.update(p)
+    sd = full_state_to_hf(merged, tr.config, hf_config, fused_experts=True)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir),
+                                             dtype=torch.float32)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def save_hf_checkpoint(tr, hf_dir: str, hf_config: dict, out_dir: str) -> None:
+    """Collective: write the current weights as an HF checkpoint (safetensors, config, tokenizer)
+    to ``out_dir`` atomically (temp dir + rename; an existing ``out_dir`` is replaced)."""
+    from transformers import AutoTokenizer
+
+    model = gather_hf_model(tr, hf_dir, hf_config)
+    if model is not None:
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".hf_tmp")
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(hf_dir).save_pretrained(tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    torch.distributed.barrier()
+
+
+@torch.no_grad()
+def hf_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+              batch_size: int = 64) -> tuple[list[list[int]], list[bool]]:
+    """Greedy responses (token ids, stop token included) and whether each hit a stop token."""
+    stop = [t for t in (end_of_turn_id(tokenizer), tokenizer.eos_token_id) if t is not None]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    outs, stopped = [], []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=stop,
+                             pad_token_id=pad)[:, width:]
+        for row in gen.tolist():
+            cut = next((j + 1 for j, t in enumerate(row) if t in stop), None)
+            outs.append(row[:cut] if cut else row)
+            stopped.append(cut is not None)
+    return outs, stopped
+
+
+def evaluate_splits(tr, tokenizer, hf_dir: str, hf_config: dict, splits: dict[str, str], *,
+                    n: int, max_new_tokens: int, verifier=verify) -> dict:
+    """Evaluate the first ``n`` rows of each ``{name: jsonl_path}`` split (collective)."""
+    model = gather_hf_model(tr, hf_dir, hf_config)
+    out = {}
+    if model is not None:
+        for name, path in splits.items():
+            rows = load_jsonl(path)[:n]
+            responses, stopped = hf_greedy(model, tokenizer,
+                                           [build_prompt_ids(tokenizer, r) for r in rows],
+                                           max_new_tokens)
+            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            correct = sum(verifier(t, r["label"]) for t, r in zip(texts, rows))
+            out[f"eval/{name}/accuracy"] = correct / len(rows)
+            out[f"eval/{name}/n"] = len(rows)
+            out[f"eval/{name}/response_len_mean"] = sum(map(len, responses)) / len(rows)
+            out[f"eval/{name}/truncation_rate"] = 1.0 - sum(stopped) / len(rows)
+    box = [out]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
