@@ -67,6 +67,19 @@ def _adam_step(optimizer) -> int:
     return 0
 
 
+def _ensure_adam_state(optimizer) -> None:
+    """A fresh torch Adam has no per-parameter state until its first step, but Megatron's
+    (non-TE/Apex) optimizer ``state_dict`` needs it to build the load plan: create torch's
+    initial state (step 0, zero moments); loading then overwrites it in place."""
+    for opt in _inner_optimizers(optimizer):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if len(opt.state[p]) == 0:
+                    opt.state[p]["step"] = torch.tensor(0.0)
+                    opt.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                    opt.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
+
+
 def _set_adam_step(optimizer, step: int) -> None:
     for opt in _inner_optimizers(optimizer):
         for st in opt.state.values():
@@ -135,6 +148,7 @@ def load_checkpoint(ckpt_root: str, tr, step: int | None = None) -> dict | None:
     path = os.path.join(ckpt_root, f"iter_{step:07d}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint {path} (from {ckpt_root}/{TRACKER}) is missing")
+    _ensure_adam_state(tr.optimizer)
     sd = _sharded(tr, is_loading=True)
     sd["scheduler"] = None
     sd["trainer_state"] = None
