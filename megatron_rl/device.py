@@ -279,6 +279,8 @@ _CUDA_LITERALS = (
     ("torch.cuda.stream(", "__import__('contextlib').nullcontext("),
     ("send_tensor.cuda()", "send_tensor"),
     ("weight.data.cuda()", "weight.data"),
+    ("output += output_bias.unsqueeze(0) * per_token_scale.unsqueeze(-1)",
+     "output = output + output_bias.unsqueeze(0) * per_token_scale.unsqueeze(-1)"),
 )
 
 
@@ -328,6 +330,9 @@ _REWRITTEN = (
     # schedules: total_num_tokens accumulator on 'cuda' (per-token loss).
     "megatron.core.pipeline_parallel.schedules:forward_backward_no_pipelining",
     "megatron.core.pipeline_parallel.schedules:forward_backward_pipelining_without_interleaving",
+    # expert MLP with add_bias_linear: the bias is added in place to the output of the
+    # row-parallel fc2, a view returned by a custom autograd Function (refused by autograd).
+    "megatron.core.transformer.mlp:MLP.forward",
     # pipeline p2p: torch.cuda.synchronize() after batched isend/irecv (batch_p2p_sync).
     "megatron.core.pipeline_parallel.p2p_communication:P2PCommunicator._communicate",
     "megatron.core.pipeline_parallel.p2p_communication:P2PCommunicator._communicate_shapes",

@@ -40,8 +40,9 @@ def solve(prompt: str) -> tuple[int, int]:
     raise AssertionError("no question")
 
 
-def test_problems_are_correct_and_bounded():
-    rows = generate((1, 8), 400, seed=3)
+@pytest.mark.parametrize("max_value", [99, 20])
+def test_problems_are_correct_and_bounded(max_value):
+    rows = generate((1, 8), 400, seed=3, max_value=max_value)
     assert [r["op"] for r in rows[:9]] == [1, 2, 3, 4, 5, 6, 7, 8, 1]
     for r in rows:
         answer, ops = solve(r["prompt"])
@@ -50,7 +51,7 @@ def test_problems_are_correct_and_bounded():
         assert len(lines) == r["op"] + 1 and lines[-1] == f"The answer is \\boxed{{{answer}}}."
         for line in lines[:-1]:  # every worked step is arithmetically right and in 0..99
             a, sign, b, c = re.fullmatch(r"\w+ has (\d+) ([-+*]) (\d+) = (\d+) \w+\.", line).groups()
-            assert eval(f"{a} {sign} {b}") == int(c) and 0 <= int(c) <= 99
+            assert eval(f"{a} {sign} {b}") == int(c) and 0 <= int(c) <= max_value
         assert verify(r["solution"], r["label"]) == 1.0
 
 
@@ -63,6 +64,7 @@ def test_generation_is_deterministic_by_seed():
         generate("nope", 1, 0)
     with pytest.raises(ValueError):
         make_problem(0, 0, 0)
+    assert generate("id", 30, seed=11, max_value=20) != a
 
 
 def test_generate_exclude_and_unique():

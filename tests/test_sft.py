@@ -100,3 +100,18 @@ def test_overlong_sample_names_file_and_line(tiny_hf_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
     with pytest.raises(DatasetError, match=rf"{path}:2: .*tokens > max_len 64"):
         load_sft_samples(str(path), tok, 64)
+
+
+def test_missing_label_names_file_and_line(tiny_hf_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron_rl.data.jsonl import DatasetError
+    from megatron_rl.train.sft_data import load_sft_samples
+
+    path = tmp_path / "nolabel.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "label": "1", "solution": "1"}) + "\n"
+                    + json.dumps({"prompt": "b", "solution": "2"}) + "\n")
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    with pytest.raises(DatasetError, match=rf"{path}:2: .*label"):
+        load_sft_samples(str(path), tok, 64)
+    assert len(load_sft_samples(str(path), tok, 64, require_label=False)) == 2

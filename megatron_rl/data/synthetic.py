@@ -15,7 +15,7 @@ One problem (op = 3):
 
 Graph: one leaf (1..9), then `op` derived quantities; each derives from the one defined just
 before it (so every op is needed) with +k, -k (k in 1..9), x2 / x3, or + an earlier quantity.
-Every value stays in 0..MAX_VALUE, so no negatives and at most two digits.
+Every value stays in 0..max_value (default MAX_VALUE = 99): no negatives, at most two digits.
 
 Determinism: problem (seed, op, index) comes from `random.Random(f"gsm-synth:{seed}:{op}:{index}")`
 (string seeding is stable across processes and PYTHONHASHSEED).
@@ -48,28 +48,29 @@ SPLITS: dict[str, tuple[int, int]] = {"id": (1, 3), "ood_mid": (4, 5), "ood_hard
 EVAL_SEED_STRIDE = 10**9  # eval split k uses seed + k * stride; train seeds must be below it
 
 
-def _derive(rng: random.Random, values: list[int], names: list[str], item: str) -> tuple[int, str, str]:
+def _derive(rng: random.Random, values: list[int], names: list[str], item: str,
+            max_value: int) -> tuple[int, str, str]:
     """One derived quantity from values[-1]. Returns (value, statement, solution line) minus the name."""
     pv, parent = values[-1], names[len(values) - 1]
     kinds = []
-    if pv < MAX_VALUE:
+    if pv < max_value:
         kinds.append("add")
     if pv >= 1:
         kinds.append("sub")
-    if 2 * pv <= MAX_VALUE:
+    if 2 * pv <= max_value:
         kinds.append("mul")
-    others = [i for i in range(len(values) - 1) if pv + values[i] <= MAX_VALUE]
+    others = [i for i in range(len(values) - 1) if pv + values[i] <= max_value]
     if others:
         kinds.append("sum")
     kind = rng.choice(kinds)
     if kind == "add":
-        k = rng.randint(1, min(9, MAX_VALUE - pv))
+        k = rng.randint(1, min(9, max_value - pv))
         return pv + k, f"has {k} more {item} than {parent}.", f"has {pv} + {k} = {pv + k} {item}."
     if kind == "sub":
         k = rng.randint(1, min(9, pv))
         return pv - k, f"has {k} fewer {item} than {parent}.", f"has {pv} - {k} = {pv - k} {item}."
     if kind == "mul":
-        k = rng.choice([m for m in (2, 3) if m * pv <= MAX_VALUE])
+        k = rng.choice([m for m in (2, 3) if m * pv <= max_value])
         times = "twice" if k == 2 else "three times"
         return pv * k, f"has {times} as many {item} as {parent}.", f"has {pv} * {k} = {pv * k} {item}."
     i = rng.choice(others)
@@ -78,14 +79,17 @@ def _derive(rng: random.Random, values: list[int], names: list[str], item: str) 
             f"has {pv} + {ov} = {pv + ov} {item}.")
 
 
-def make_problem(seed: int, op: int, index: int) -> dict:
+def make_problem(seed: int, op: int, index: int, *, max_value: int = MAX_VALUE) -> dict:
     """Problem number `index` with `op` operations for `seed`; a pure function of its arguments.
 
+    Every intermediate value lies in 0..max_value (lower it to make the arithmetic easier).
     Returns {"prompt": str, "label": str, "solution": str, "op": int}.
-    Raises ValueError if op is not in 1..MAX_OP (one name per quantity).
+    Raises ValueError if op is not in 1..MAX_OP (one name per quantity) or max_value < 9.
     """
     if not 1 <= op <= MAX_OP:
         raise ValueError(f"op must be in 1..{MAX_OP}, got {op}")
+    if max_value < 9:
+        raise ValueError(f"max_value must be >= 9 (leaves are 1..9), got {max_value}")
     rng = random.Random(f"gsm-synth:{seed}:{op}:{index}")
     names = rng.sample(NAMES, op + 1)
     item = rng.choice(ITEMS)
@@ -93,7 +97,7 @@ def make_problem(seed: int, op: int, index: int) -> dict:
     statements = [f"{names[0]} has {values[0]} {item}."]
     steps = []
     for _ in range(op):
-        value, statement, step = _derive(rng, values, names, item)
+        value, statement, step = _derive(rng, values, names, item, max_value)
         name = names[len(values)]
         values.append(value)
         statements.append(f"{name} {statement}")
@@ -117,7 +121,8 @@ def op_range(split_or_op_range: str | tuple[int, int]) -> tuple[int, int]:
 
 
 def generate(split_or_op_range: str | tuple[int, int], n: int, seed: int, *,
-             exclude: Collection[str] = (), unique: bool = False) -> list[dict]:
+             exclude: Collection[str] = (), unique: bool = False,
+             max_value: int = MAX_VALUE) -> list[dict]:
     """n problems with ops cycling through the (inclusive) op range, deterministic in seed.
 
     Row r has op = lo + r % (hi - lo + 1). With `exclude` (prompts to avoid) or `unique`, a rejected
@@ -131,7 +136,7 @@ def generate(split_or_op_range: str | tuple[int, int], n: int, seed: int, *,
     rows, rejected = [], 0
     while len(rows) < n:
         op = ops[len(rows) % len(ops)]
-        row = make_problem(seed, op, next_index[op])
+        row = make_problem(seed, op, next_index[op], max_value=max_value)
         next_index[op] += 1
         if row["prompt"] in exclude or (unique and row["prompt"] in seen):
             rejected += 1
@@ -144,7 +149,8 @@ def generate(split_or_op_range: str | tuple[int, int], n: int, seed: int, *,
 
 
 def write_splits(out_dir: str | Path, seed: int, n_train: int, n_eval: int,
-                 splits: dict[str, tuple[int, int]] | None = None) -> dict[str, Path]:
+                 splits: dict[str, tuple[int, int]] | None = None,
+                 max_value: int = MAX_VALUE) -> dict[str, Path]:
     """Write train.jsonl (the "id" band) and eval_<split>.jsonl for every split; return the paths.
 
     Eval split k (1-based, in `splits` order) uses seed + k * EVAL_SEED_STRIDE, is de-duplicated and
@@ -158,12 +164,13 @@ def write_splits(out_dir: str | Path, seed: int, n_train: int, n_eval: int,
     splits = dict(SPLITS if splits is None else splits)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = generate(splits["id"], n_train, seed)
+    train = generate(splits["id"], n_train, seed, max_value=max_value)
     train_prompts = {r["prompt"] for r in train}
     paths = {"train": out / "train.jsonl"}
     write_jsonl_atomic(paths["train"], train)
     for k, (name, rng) in enumerate(splits.items(), start=1):
-        rows = generate(rng, n_eval, seed + k * EVAL_SEED_STRIDE, exclude=train_prompts, unique=True)
+        rows = generate(rng, n_eval, seed + k * EVAL_SEED_STRIDE, exclude=train_prompts, unique=True,
+                        max_value=max_value)
         leaked = [r["prompt"] for r in rows if r["prompt"] in train_prompts]
         if leaked:
             raise ValueError(f"eval split {name} leaks {len(leaked)} train prompts, e.g. {leaked[0]!r}")
@@ -242,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--id-ops", default="1-3", help="op range of train and eval_id, e.g. 1-3")
     p.add_argument("--ood-mid-ops", default="4-5")
     p.add_argument("--ood-hard-ops", default="6-8")
+    p.add_argument("--max-value", type=int, default=MAX_VALUE, help="cap on every intermediate value")
     a = p.parse_args(argv)
 
     def parse(s: str) -> tuple[int, int]:
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         return int(lo), int(hi or lo)
 
     splits = {"id": parse(a.id_ops), "ood_mid": parse(a.ood_mid_ops), "ood_hard": parse(a.ood_hard_ops)}
-    for name, path in write_splits(a.out, a.seed, a.n_train, a.n_eval, splits).items():
+    for name, path in write_splits(a.out, a.seed, a.n_train, a.n_eval, splits, a.max_value).items():
         print(f"{name}: {path}")
 
 

@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--train-data", required=True)
     d.add_argument("--eval-data", action="append", default=[],
                    help="NAME=PATH, repeatable; evaluated by greedy generation + verifier")
+    d.add_argument("--no-require-label", action="store_true",
+                   help="accept training rows without a 'label' (plain chat SFT data)")
     d.add_argument("--seq-length", type=int, default=256)
     d.add_argument("--micro-batch-size", type=int, default=4)
     d.add_argument("--global-batch-size", type=int, default=16, help="packed rows per step")
@@ -129,7 +131,8 @@ def main(argv=None) -> None:
 
     from megatron_rl.train.evaluate import evaluate_splits
 
-    samples = load_sft_samples(args.train_data, tokenizer, args.seq_length)
+    samples = load_sft_samples(args.train_data, tokenizer, args.seq_length,
+                               require_label=not args.no_require_label)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stream = PackedRowStream(samples, args.seq_length, args.seed, pad_id)
     ckpt_root = os.path.join(args.out, "checkpoints")

@@ -19,10 +19,16 @@ from megatron_rl.data.jsonl import load_jsonl_with_lines
 from megatron_rl.data.packing import pack_samples, packed_attention_mask
 
 
-def load_sft_samples(path: str, tokenizer, max_len: int) -> list[dict]:
-    """Tokenise every row of an SFT jsonl; errors name ``path:line`` (see ``data.jsonl``)."""
+def load_sft_samples(path: str, tokenizer, max_len: int, *, require_label: bool = True
+                     ) -> list[dict]:
+    """Tokenise every row of an SFT jsonl (``{"prompt", "solution", "label"}`` or
+    ``{"messages": [...]}``). Every row is validated before anything is trained or written.
+
+    Raises DatasetError naming ``path:line``: malformed JSON, missing label (unless
+    ``require_label=False``), no assistant target, or more than ``max_len`` tokens."""
     out = []
-    for line, row in load_jsonl_with_lines(path, require_label=False, require_solution=False):
+    for line, row in load_jsonl_with_lines(path, require_label=require_label,
+                                           require_solution=False):
         out.append(build_sft_sample(tokenizer, row, max_len, path=path, line=line))
     if not out:
         raise ValueError(f"{path}: no samples")
