@@ -76,7 +76,7 @@ def init_parallel(pc: ParallelConfig, *, device: str | None = None, seed: int = 
     Returns:
         the resolved device name.
     Raises:
-        ValueError: inconsistent layout for the world size, or SP without TP.
+        ValueError: inconsistent layout for the world size, SP without TP, CP on CPU.
     """
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
@@ -86,6 +86,8 @@ def init_parallel(pc: ParallelConfig, *, device: str | None = None, seed: int = 
         _device.apply_cpu_patches("cpu")
     if pc.sequence_parallel and pc.tp == 1:
         raise ValueError("--sequence-parallel needs --tp > 1")
+    if dev == "cpu" and pc.cp > 1:
+        raise ValueError("--cp > 1 needs Transformer Engine attention (GPU); use --cp 1 on CPU")
     rank, world, local_rank = _env_rank_world()
     pc.dp(world)
     if not torch.distributed.is_initialized():
