@@ -83,6 +83,16 @@ def expected_hf_keys(rules: list[Rule], config) -> set[str]:
     return {split_row_selector(k)[0] for k in out}
 
 
+def named_tensors(model, rules: list[Rule]):
+    """``model.named_parameters()``, then the buffers some rule maps (e.g. DeepSeek-V3's router
+    ``mlp.router.expert_bias`` <- ``mlp.gate.e_score_correction_bias``); other buffers are
+    skipped. Yields ``(name, tensor)``."""
+    yield from model.named_parameters()
+    for name, buf in model.named_buffers():
+        if find_rule(rules, name) is not None:
+            yield name, buf
+
+
 def _to_global(model, idx: dict[str, int]) -> dict[str, int]:
     """Local ``{layer, expert}`` indices of a Megatron name -> global ones."""
     out = dict(idx)
@@ -121,7 +131,7 @@ def _plan(model, ckpt: SafetensorsCheckpoint, hf_config: dict):
     geo = _geometry(model.config)
     problems: dict[str, list[str]] = defaultdict(list)
     plan = []
-    for name, param in model.named_parameters():
+    for name, param in named_tensors(model, rules):
         hit = find_rule(rules, name)
         if hit is None:
             problems["missing"].append(f"{name}: no rule in the {hf_config['model_type']} map")
@@ -213,7 +223,7 @@ def _with_indices(model, hf_config):
     from megatron_rl.models import load_hf_config
 
     rules, _ = get_adapter(load_hf_config(hf_config)).rules_for(set(), load_hf_config(hf_config))
-    for name, param in model.named_parameters():
+    for name, param in named_tensors(model, rules):
         hit = find_rule(rules, name)
         if hit is None:
             raise CheckpointError("export", {"missing": [f"{name}: no rule"]})

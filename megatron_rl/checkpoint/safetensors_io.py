@@ -18,12 +18,17 @@ _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
            "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+class SafetensorsReadError(ValueError):
+    """A safetensors file could not be opened (truncated or corrupt); the message names it."""
+
+
 class SafetensorsCheckpoint:
     """Lazy reader over one HF checkpoint directory (single file or sharded with an index).
 
     ``keys()`` -> tensor names; ``get(name)`` reads one tensor, where ``name[e]`` reads row e of
     a stacked tensor only; ``meta(name)`` gives a meta tensor of that shape/dtype (no read).
-    Raises FileNotFoundError when the directory has no *.safetensors.
+    Raises FileNotFoundError when the directory has no *.safetensors (or a listed file is
+    missing), SafetensorsReadError (naming the file) when a file is truncated or corrupt.
     """
 
     def __init__(self, hf_dir: str | os.PathLike):
@@ -31,8 +36,12 @@ class SafetensorsCheckpoint:
         self._handles: dict = {}
         index = os.path.join(self.dir, INDEX_FILE)
         if os.path.exists(index):
-            with open(index) as f:
-                self.file_of = dict(json.load(f)["weight_map"])
+            try:
+                with open(index) as f:
+                    self.file_of = dict(json.load(f)["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise SafetensorsReadError(f"{index}: not a valid safetensors index "
+                                           f"({type(e).__name__}: {e})") from e
         else:
             files = sorted(f for f in os.listdir(self.dir) if f.endswith(".safetensors"))
             if not files:
@@ -43,7 +52,15 @@ class SafetensorsCheckpoint:
         from safetensors import safe_open
 
         if fn not in self._handles:
-            self._handles[fn] = safe_open(os.path.join(self.dir, fn), framework="pt", device="cpu")
+            path = os.path.join(self.dir, fn)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: safetensors file missing (listed in "
+                                        f"{INDEX_FILE} or the directory)")
+            try:
+                self._handles[fn] = safe_open(path, framework="pt", device="cpu")
+            except Exception as e:  # SafetensorError: truncated / corrupt header or data
+                raise SafetensorsReadError(f"{path}: cannot read safetensors file "
+                                           f"(truncated or corrupt?): {e}") from e
         return self._handles[fn]
 
     def keys(self) -> set[str]:

@@ -46,12 +46,29 @@ class ModelOptions:
 
 @dataclass(kw_only=True)
 class Family:
-    """One model family: which HF configs it takes and how they become a TransformerConfig."""
+    """One model family: which HF configs it takes and how they become a Megatron GPTModel.
+
+    Attributes:
+        name / model_types: registry name and the HF ``model_type`` values it serves.
+        config_kwargs: HF config dict -> TransformerConfig kwargs (raises ValueError for HF
+            features the mapping cannot reproduce).
+        gpt_kwargs: HF config dict -> GPTModel kwargs (``vocab_size``, rope, tying).
+        layer_spec: optional ``(block_spec, config) -> block_spec`` edit of Megatron's
+            ``TransformerBlockSubmodules`` (e.g. OLMoE's full-width QK norm); None keeps
+            ``get_gpt_decoder_block_spec``'s.
+        check_parallel: optional ``(hf_config, sizes) -> None`` raising ValueError for parallel
+            layouts the family cannot run exactly; ``sizes`` has tp/pp/ep/etp/cp.
+        config_cls: optional TransformerConfig subclass (or factory) to build (e.g.
+            ``MLATransformerConfig`` for DeepSeek-V3); None = ``TransformerConfig``.
+    """
 
     name: str
     model_types: tuple[str, ...]
-    config_kwargs: Callable[[dict], dict]  # HF config dict -> TransformerConfig kwargs
-    gpt_kwargs: Callable[[dict], dict]  # HF config dict -> GPTModel kwargs (rope, vocab, tying)
+    config_kwargs: Callable[[dict], dict]
+    gpt_kwargs: Callable[[dict], dict]
+    layer_spec: Callable[[Any, Any], Any] | None = None
+    check_parallel: Callable[[dict, dict], None] | None = None
+    config_cls: Callable[..., Any] | None = None
 
 
 FAMILIES: dict[str, Family] = {}
@@ -101,12 +118,19 @@ def transformer_config_from_hf(hf_config: dict, opts: ModelOptions, *, tp: int =
 
     Architecture fields come from the family's mapping of the HF config; parallel sizes and
     our options are applied on top. CPU-only settings (no fused kernels, CPU init) are set when
-    CUDA is not in use. Raises ValueError for unsupported architectures.
+    CUDA is not in use.
+
+    Raises:
+        ValueError: unsupported architecture (lists the supported ``model_type``s), an HF feature
+            the family cannot reproduce, or a parallel layout the family refuses.
     """
     from megatron.core.transformer import TransformerConfig
 
     family = get_family(hf_config)
     kw = family.config_kwargs(hf_config)
+    if family.check_parallel is not None:
+        family.check_parallel(hf_config, dict(tp=tp, pp=pp, ep=ep,
+                                              etp=etp if etp is not None else tp, cp=cp))
     on_gpu = opts.use_te or torch.cuda.is_available()
     kw.update(
         tensor_model_parallel_size=tp,
@@ -142,7 +166,7 @@ def transformer_config_from_hf(hf_config: dict, opts: ModelOptions, *, tp: int =
             moe_permute_fusion=False,
         )
     kw.update(opts.overrides)
-    return TransformerConfig(**kw)
+    return (family.config_cls or TransformerConfig)(**kw)
 
 
 def build_model(hf_config: dict, config, *, pre_process: bool = True, post_process: bool = True,
@@ -165,6 +189,8 @@ def build_model(hf_config: dict, config, *, pre_process: bool = True, post_proce
         config, use_transformer_engine=use_te, normalization=config.normalization,
         vp_stage=vp_stage,
     )
+    if family.layer_spec is not None:
+        spec = family.layer_spec(spec, config)
     gkw = family.gpt_kwargs(hf_config)
     vocab_size = gkw.pop("vocab_size")
     model = GPTModel(

@@ -108,7 +108,10 @@ def save_checkpoint(ckpt_root: str, step: int, tr, extra: dict) -> str:
     sd["scheduler"] = tr.scheduler.state_dict()
     sd["trainer_state"] = json.dumps({"step": step, "adam_step": _adam_step(tr.optimizer),
                                       **extra})
-    dist_checkpointing.save(sd, tmp)
+    from megatron_rl.checkpoint.mcore_io import in_process_write_queue
+
+    with in_process_write_queue():  # no spawned manager process per save (seconds on CPU)
+        dist_checkpointing.save(sd, tmp)
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank}.pt"))
     torch.distributed.barrier()
