@@ -178,6 +178,8 @@ def _worker(rank: int, world: int, dirs: dict, ids: torch.Tensor) -> list[dict]:
     from megatron.core import parallel_state as ps
 
     from megatron_rl.checkpoint import load_hf_weights
+    from megatron_rl.checkpoint.export import iter_hf_tensors
+    from megatron_rl.models import load_hf_config
     from megatron_rl.parallel import ParallelConfig, destroy_parallel, init_parallel
 
     results = []
@@ -194,6 +196,11 @@ def _worker(rank: int, world: int, dirs: dict, ids: torch.Tensor) -> list[dict]:
             res["logits"] = logits
         if name == "none":
             res.update(_extras(pc, dirs, ids[dp_rank], model))
+        streamed = {}  # the multi-rank streaming export (collective; tensors land on rank 0)
+        for bucket in iter_hf_tensors(model, load_hf_config(dirs["hf"]), bucket_bytes=1 << 16):
+            streamed.update(bucket)
+        if rank == 0:
+            res["streamed"] = streamed
         res["seconds"] = time.perf_counter() - t0
         results.append(res)
         ps.destroy_model_parallel()
@@ -256,6 +263,19 @@ def test_export_round_trip_is_byte_identical(runs, ckpts):
         for k, w in want.items():
             assert got[k].dtype == w.dtype and got[k].shape == w.shape, k
             assert got[k].numpy().tobytes() == w.numpy().tobytes(), k
+
+
+@pytest.mark.parametrize("layout", [name for name, _ in LAYOUTS])
+def test_streaming_export_is_byte_identical(runs, ckpts, layout):
+    """iter_hf_tensors from every layout (TP2+SP, EP2, PP2) reproduces the checkpoint,
+    including the router's e_score_correction_bias (a Megatron buffer, not a parameter)."""
+    got = next(r for r in runs if r["layout"] == layout and r["rank"] == 0)["streamed"]
+    assert got, layout
+    want = load_file(ckpts["hf"] / "model.safetensors")
+    assert set(got) == set(want), set(got) ^ set(want)
+    assert BIAS in got
+    for k, w in want.items():
+        assert got[k].numpy().tobytes() == w.numpy().tobytes(), k
 
 
 def test_other_layouts_load_the_same_tensors(runs):

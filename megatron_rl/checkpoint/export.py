@@ -35,7 +35,13 @@ import torch
 
 from megatron_rl.checkpoint.adapter import find_rule, get_adapter, split_row_selector
 from megatron_rl.checkpoint.gather import _gather
-from megatron_rl.checkpoint.hf_loader import CheckpointError, _to_global, _to_hf, _unwrap
+from megatron_rl.checkpoint.hf_loader import (
+    CheckpointError,
+    _to_global,
+    _to_hf,
+    _unwrap,
+    named_tensors,
+)
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
 
@@ -69,7 +75,7 @@ def _local_units(module, hf_config: dict, fused_experts: bool) -> dict[tuple, tu
     rules, _ = get_adapter(hf_config).rules_for(set(), hf_config, fused_experts=fused_experts)
     cfg = module.config
     out, missing = {}, []
-    for name, p in module.named_parameters():
+    for name, p in named_tensors(module, rules):  # params + mapped buffers (expert bias)
         hit = find_rule(rules, name)
         if hit is None:
             missing.append(f"{name}: no rule in the {hf_config.get('model_type')} map")

@@ -32,12 +32,14 @@ def _gather(t: torch.Tensor, group, dim: int, gated: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gather_full_state_dict(model) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(model, hf_config: dict | None = None) -> dict[str, torch.Tensor]:
     """Full (TP/ETP-gathered) tensors of this rank's parameters under global names.
 
     Args:
         model: this rank's GPTModel chunk (DDP-wrapped or not). Collective over the TP and
             expert-TP groups: every rank must call it.
+        hf_config: when given, buffers that the family's HF map covers (DeepSeek-V3's router
+            ``expert_bias``) are included too (they are replicated, never sharded).
     Returns:
         ``{global_name: tensor}`` (CPU clones).
     """
@@ -47,7 +49,13 @@ def gather_full_state_dict(model) -> dict[str, torch.Tensor]:
     gated = bool(module.config.gated_linear_unit)
     layers = {i: layer.layer_number - 1 for i, layer in enumerate(module.decoder.layers)}
     out = {}
-    for name, p in module.named_parameters():
+    tensors = module.named_parameters()
+    if hf_config is not None:
+        from megatron_rl.checkpoint.adapter import get_adapter
+        from megatron_rl.checkpoint.hf_loader import named_tensors
+
+        tensors = named_tensors(module, get_adapter(hf_config).rules_for(set(), hf_config)[0])
+    for name, p in tensors:
         is_expert = ".experts." in name
         group = (ps.get_expert_tensor_parallel_group() if is_expert
                  else ps.get_tensor_model_parallel_group())

@@ -29,7 +29,7 @@ def gather_hf_model(tr, hf_dir: str, hf_config: dict):
     from megatron_rl.checkpoint.gather import gather_full_state_dict
     from megatron_rl.checkpoint.hf_loader import full_state_to_hf
 
-    full = gather_full_state_dict(tr.model)
+    full = gather_full_state_dict(tr.model, hf_config)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     parts = [None] * world if rank == 0 else None
     torch.distributed.gather_object(full, parts, dst=0)
