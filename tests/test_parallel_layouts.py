@@ -22,6 +22,7 @@ LAYOUTS_2 = [
 LAYOUTS_4 = [
     {"name": "tp2_sp_ep2_etp1", "tp": 2, "sp": True, "ep": 2, "etp": 1},
     {"name": "pp2_dp2_ep2", "pp": 2, "ep": 2},
+    {"name": "tp2_sp_pp2_ep2_etp1", "tp": 2, "sp": True, "pp": 2, "ep": 2, "etp": 1},
 ]
 
 

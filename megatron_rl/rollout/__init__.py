@@ -1,0 +1,1 @@
+"""Rollout: SGLang client, launcher, router, rewards, group rollout, embedded engine."""
