@@ -283,6 +283,10 @@ class SGLangClient:
     async def pause(self) -> None:
         await self._broadcast("POST", "/pause_generation", {})
 
+    async def pause_generation(self, mode: str = "in_place") -> None:
+        """Pause every engine with SGLang's mode: "abort" | "in_place" (keep requests, resume later) | "retract"."""
+        await self._broadcast("POST", "/pause_generation", {"mode": mode})
+
     async def continue_generation(self) -> None:
         await self._broadcast("POST", "/continue_generation", {})
 

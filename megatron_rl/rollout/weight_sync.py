@@ -1,0 +1,210 @@
+"""Versioned weight sync Megatron -> rollout engines: ``WeightSync.sync(model, hf_config, version)``.
+
+Legend: dst = the trainer rank that talks HTTP to the engines; bucket = ``{hf_name: tensor}`` of
+at most ``bucket_bytes`` (``checkpoint.export.iter_hf_tensors``); version = the trainer's policy
+version, sent to the engines as ``str(version)`` and echoed in every later /generate response.
+
+One sync (collective over every trainer rank; only dst makes HTTP calls, on its own asyncio loop
+because the trainer is synchronous and ``SGLangClient`` is async):
+1. dst: ``pause_generation(mode=pause_mode)`` ("in_place" keeps in-flight requests, which resume
+   with the new weights) and ``flush_cache`` (the radix / KV cache holds old-policy states).
+2. every rank iterates ``iter_hf_tensors`` to the end; dst pushes each bucket with
+   ``update_weights_from_tensor(bucket, weight_version=str(version))`` to every engine as it
+   arrives ("tensor" mode), or writes it as one safetensors shard of an HF dir and finally calls
+   ``update_weights_from_disk`` ("disk" mode: the fallback for real SGLang, whose tensor path
+   needs CUDA IPC handles from the same node).
+3. dst: ``continue_generation``, then checks that every engine's /get_server_info reports
+   ``weight_version == str(version)``; a stale engine raises ``WeightVersionMismatchError``
+   naming it.
+dst broadcasts the outcome (metrics or the error text) so every rank returns or raises alike;
+an HTTP failure mid-stream does not stop dst from draining the generator (no deadlock).
+
+Mode "distributed" (``update_weights_from_distributed``): the disaggregated GPU path, where the
+trainer joins an NCCL group made by SGLang's ``init_weights_update_group`` and broadcasts each
+tensor straight into the engines' GPU memory. The embedded CPU engine has no NCCL group, so it
+raises NotImplementedError. Left out: LoRA deltas, quantised (FP8) weight push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Literal
+
+import torch
+
+from megatron_rl.checkpoint.export import DEFAULT_BUCKET_BYTES, iter_hf_tensors
+
+SyncMode = Literal["tensor", "disk", "distributed"]
+DISTRIBUTED_MSG = ("update_weights_from_distributed (disaggregated NCCL broadcast into SGLang engines "
+                   "that called init_weights_update_group) is the GPU path; it is not available on the "
+                   "embedded CPU engine: use mode='tensor' or mode='disk'")
+
+
+class WeightVersionMismatchError(RuntimeError):
+    """After a sync, an engine reports another weight_version than the one just pushed."""
+
+
+class WeightSyncError(RuntimeError):
+    """The sync failed on dst (HTTP error, engine refusal); raised on every trainer rank."""
+
+
+class WeightSync:
+    """Push a live Megatron model's weights to the engines of ``client`` (an ``SGLangClient``).
+
+    Args:
+        client: SGLangClient over the engine urls (control calls go to every engine directly).
+        bucket_bytes: max bytes per pushed bucket (per HTTP request in "tensor" mode, per shard
+            file in "disk" mode).
+        mode: "tensor" | "disk" | "distributed" (raises NotImplementedError, see module doc).
+        dst: the global trainer rank that gathers the tensors and calls the engines.
+        pause_mode: SGLang pause mode used around the update ("in_place" | "abort" | "retract").
+        disk_dir: "disk" mode only: a directory visible to the engines (shared FS); default a
+            temp dir on this host, removed after the engines have loaded it.
+    """
+
+    def __init__(self, client, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, mode: SyncMode = "tensor",
+                 dst: int = 0, pause_mode: str = "in_place", disk_dir: str | None = None):
+        if mode == "distributed":
+            raise NotImplementedError(DISTRIBUTED_MSG)
+        if mode not in ("tensor", "disk"):
+            raise ValueError(f"mode must be 'tensor' | 'disk' | 'distributed', got {mode!r}")
+        if bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+        self.client, self.bucket_bytes, self.mode = client, bucket_bytes, mode
+        self.dst, self.pause_mode, self.disk_dir = dst, pause_mode, disk_dir
+
+    # ------------------------------------------------------------------ public
+    def sync(self, model, hf_config: dict, version: int) -> dict[str, float]:
+        """Collective: push ``model``'s weights to every engine as weight_version ``str(version)``.
+
+        Args:
+            model: this rank's GPTModel chunk (any layout ``iter_hf_tensors`` supports).
+            hf_config: HF config dict of the model (family, vocab, tying; written as config.json
+                in "disk" mode).
+            version: the policy version (int, e.g. the optimizer step).
+        Returns:
+            metrics on every rank: ``perf/sync_time_s`` (wall seconds on dst, pause to verified),
+            ``perf/sync_gb_per_s`` (payload GB (1e9 bytes) / sync_time_s), ``sync/num_buckets``,
+            ``sync/bytes`` (HF tensor bytes pushed).
+        Raises:
+            WeightVersionMismatchError: an engine reports another version afterwards (names it).
+            WeightSyncError: an engine call failed on dst (message carries the cause).
+        """
+        rank = torch.distributed.get_rank()
+        buckets = iter_hf_tensors(model, hf_config, bucket_bytes=self.bucket_bytes, dst=self.dst)
+        if rank != self.dst:
+            for _ in buckets:  # collectives only; yields nothing off dst
+                pass
+            return self._share(None)
+        loop = asyncio.new_event_loop()
+        try:
+            outcome = self._sync_on_dst(loop, buckets, hf_config, str(version))
+        finally:
+            loop.run_until_complete(self.client.close())
+            loop.close()
+        return self._share(outcome)
+
+    def check_versions(self, version: int | str) -> dict[str, str | None]:
+        """Blocking (any process): every engine's weight_version must be ``str(version)``.
+
+        Returns ``{url: version}``; raises WeightVersionMismatchError naming the stale engines.
+        """
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(self._check(str(version)))
+        finally:
+            loop.run_until_complete(self.client.close())
+            loop.close()
+
+    # ------------------------------------------------------------------ dst side
+    def _sync_on_dst(self, loop, buckets, hf_config: dict, version: str) -> dict | BaseException:
+        run = loop.run_until_complete
+        t0 = time.perf_counter()
+        error: BaseException | None = None
+        n_buckets = n_bytes = 0
+        tmp = None
+        try:
+            run(self.client.pause_generation(self.pause_mode))
+            run(self.client.flush_cache())
+            if self.mode == "disk":
+                tmp = self.disk_dir or tempfile.mkdtemp(prefix="weight_sync_")
+        except Exception as e:  # noqa: BLE001 - drained below, reported on every rank
+            error = e
+        shards: list[dict[str, str]] = []
+        for bucket in buckets:  # always drain: the other ranks are inside the same collectives
+            n_buckets += 1
+            n_bytes += sum(t.numel() * t.element_size() for t in bucket.values())
+            if error is not None:
+                continue
+            try:
+                if self.mode == "tensor":
+                    run(self.client.update_weights_from_tensor(bucket, weight_version=version))
+                else:
+                    shards.append(_write_shard(tmp, len(shards), bucket))
+            except Exception as e:  # noqa: BLE001
+                error = e
+        try:
+            if error is None and self.mode == "disk":
+                _write_index(tmp, shards, hf_config)
+                run(self.client.update_weights_from_disk(tmp, weight_version=version))
+            run(self.client.continue_generation())
+            if error is None:
+                run(self._check(version))
+        except Exception as e:  # noqa: BLE001
+            error = error or e
+        finally:
+            if tmp is not None and self.disk_dir is None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            return error
+        dt = time.perf_counter() - t0
+        return {"perf/sync_time_s": dt, "perf/sync_gb_per_s": n_bytes / 1e9 / max(dt, 1e-9),
+                "sync/num_buckets": float(n_buckets), "sync/bytes": float(n_bytes)}
+
+    async def _check(self, version: str) -> dict[str, str | None]:
+        got = await self.client.weight_versions()
+        stale = {u: v for u, v in got.items() if v != version}
+        if not got:
+            raise WeightVersionMismatchError(f"weight sync to version {version!r}: no engine answered")
+        if stale:
+            raise WeightVersionMismatchError(
+                f"weight sync to version {version!r}: engine(s) report another version: "
+                + ", ".join(f"{u} has {v!r}" for u, v in stale.items()))
+        return got
+
+    def _share(self, outcome) -> dict[str, float]:
+        """Broadcast dst's outcome (metrics or exception) to every rank; raise it everywhere."""
+        box = [None if outcome is None else
+               (type(outcome).__name__, str(outcome)) if isinstance(outcome, BaseException) else outcome]
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.broadcast_object_list(box, src=self.dst)
+        (val,) = box
+        if isinstance(val, tuple):
+            kind, msg = val
+            if kind == WeightVersionMismatchError.__name__:
+                raise WeightVersionMismatchError(msg)
+            raise WeightSyncError(f"weight sync failed on rank {self.dst}: {kind}: {msg}")
+        return val
+
+
+def _write_shard(root: str, i: int, bucket: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Write one bucket as ``model-{i:05d}.safetensors``; returns {name: file} for the index."""
+    from safetensors.torch import save_file
+
+    fname = f"model-{i:05d}.safetensors"
+    save_file({k: v.detach().cpu().contiguous() for k, v in bucket.items()}, os.path.join(root, fname))
+    return {k: fname for k in bucket}
+
+
+def _write_index(root: str, shards: list[dict[str, str]], hf_config: dict) -> None:
+    """HF sharded-checkpoint index + config.json so ``from_pretrained(root)`` loads it."""
+    weight_map = {k: f for shard in shards for k, f in shard.items()}
+    with open(os.path.join(root, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(os.path.join(root, "config.json"), "w") as f:
+        json.dump(hf_config, f)
