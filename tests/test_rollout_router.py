@@ -98,3 +98,26 @@ def test_kill_engine_mid_rollout_through_router(stack):
     rids = [r.rid for g in groups for r in g]
     assert len(set(rids)) == len(rids) == len(prompts) * n
     assert all(len(r.logprobs) == len(r.output_ids) for g in groups for r in g)
+
+
+def test_abort_through_router(stack):
+    """A request in flight through the router, aborted by rid on the engines: it returns
+    finish_reason "abort" with fewer tokens than asked, and the engines stay usable."""
+    async def go():
+        async with client(stack) as c:
+            sp = SamplingParams(temperature=0.0, max_new_tokens=56)
+            task = asyncio.create_task(c.generate([5, 6, 7], sp, rid="to-abort"))
+            for _ in range(500):  # wait until an engine is running it
+                infos = await c.server_info()
+                if any(i["internal_states"][0]["num_running_reqs"] for i in infos):
+                    break
+                await asyncio.sleep(0.005)
+            await c.abort("to-abort")
+            aborted = await task
+            after = await c.generate([5, 6, 7], SamplingParams(temperature=0.0, max_new_tokens=4),
+                                     rid="after-abort")
+            return aborted, after
+    aborted, after = asyncio.run(go())
+    assert aborted.finish_reason == "abort", aborted.finish_reason
+    assert len(aborted.output_ids) < 56
+    assert after.finish_reason in ("length", "stop") and len(after.output_ids) >= 1
