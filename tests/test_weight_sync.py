@@ -124,7 +124,3 @@ def test_logprob_consistency_and_versioned_sync(engine, tiny_hf_dir):
     assert r0["sync"]["sync/bytes"] > 0 and r0["sync"]["perf/sync_gb_per_s"] > 0
     assert r0["mismatch"] is not None and url in r0["mismatch"] and "'stale'" in r0["mismatch"]  # (c)
 
-
-def test_distributed_mode_is_documented_not_available():
-    with pytest.raises(NotImplementedError, match="init_weights_update_group"):
-        WeightSync(SGLangClient(["http://127.0.0.1:1"]), mode="distributed")

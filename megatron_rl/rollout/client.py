@@ -16,7 +16,9 @@ Weight payloads (`update_weights_from_tensor`): engine_kind="embedded" sends
 base64(safetensors.torch.save(named_tensors)) in `serialized_named_tensors[0]`. Real SGLang expects
 one MultiprocessingSerializer payload per TP rank (CUDA IPC handles, same node only) and is refused
 here with NotImplementedError: for real SGLang, use `update_weights_from_disk` or a distributed
-weight-update group. Left out: streaming, text prompts, the OpenAI API.
+weight-update group (`init_weights_update_group` with engine i as rank i + 1, then per bucket
+`update_weights_from_distributed` while the trainer broadcasts; driven by `WeightSync(mode=
+"distributed")`). Left out: streaming, text prompts, the OpenAI API.
 """
 
 from __future__ import annotations
@@ -315,6 +317,44 @@ class SGLangClient:
         payload = {"serialized_named_tensors": [base64.b64encode(blob).decode()], "load_format": None,
                    "flush_cache": True, "weight_version": weight_version}
         _check_success(await self._broadcast("POST", "/update_weights_from_tensor", payload), weight_version)
+
+    # ------------------------------------------------------------ disaggregated weight-update group
+    @property
+    def live_urls(self) -> list[str]:
+        """Engine urls not marked dead, in order (engine i joins an update group as rank i + 1)."""
+        return self._live()
+
+    async def init_weights_update_group(self, master_address: str, master_port: int, world_size: int, *,
+                                        group_name: str = "weight_update_group", backend: str = "nccl") -> None:
+        """Every live engine i joins the trainer's group as rank ``rank_offset = i + 1`` (SGLang schema).
+
+        Returns once every engine has joined, so the trainer must join (rank 0) concurrently.
+        Raises EngineRequestError / EngineResponseError when an engine refuses or times out.
+        """
+        targets = self._live()
+        if not targets:
+            raise AllEnginesFailedError(f"/init_weights_update_group: no live engine (dead: {self.dead_engines})")
+        body = {"master_address": master_address, "master_port": int(master_port), "world_size": int(world_size),
+                "group_name": group_name, "backend": backend}
+        res = await asyncio.gather(*(self._request("POST", f"{u}/init_weights_update_group", {**body, "rank_offset": i + 1})
+                                     for i, u in enumerate(targets)))
+        _check_success(res, f"group {group_name!r} init")
+
+    async def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
+                                              shapes: Sequence[Sequence[int]], *, weight_version: str | None = None,
+                                              group_name: str = "weight_update_group", flush_cache: bool = True) -> None:
+        """Announce one bucket to every engine; returns after they received it by broadcast from rank 0.
+
+        The trainer must broadcast each tensor (in ``names`` order) while this call is in flight.
+        """
+        payload = {"names": list(names), "dtypes": list(dtypes), "shapes": [list(map(int, s)) for s in shapes],
+                   "group_name": group_name, "flush_cache": flush_cache, "weight_version": weight_version}
+        _check_success(await self._broadcast("POST", "/update_weights_from_distributed", payload),
+                       f"from_distributed {weight_version}")
+
+    async def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
+        _check_success(await self._broadcast("POST", "/destroy_weights_update_group", {"group_name": group_name}),
+                       f"group {group_name!r} destroy")
 
     async def weight_versions(self) -> dict[str, str | None]:
         """{url: weight_version} from /get_server_info of every live engine."""

@@ -19,10 +19,16 @@ because the trainer is synchronous and ``SGLangClient`` is async):
 dst broadcasts the outcome (metrics or the error text) so every rank returns or raises alike;
 an HTTP failure mid-stream does not stop dst from draining the generator (no deadlock).
 
-Mode "distributed" (``update_weights_from_distributed``): the disaggregated GPU path, where the
-trainer joins an NCCL group made by SGLang's ``init_weights_update_group`` and broadcasts each
-tensor straight into the engines' GPU memory. The embedded CPU engine has no NCCL group, so it
-raises NotImplementedError. Left out: LoRA deltas, quantised (FP8) weight push.
+Mode "distributed" (SGLang's disaggregated path, ``update_weights_from_distributed``): dst hosts a
+separate process group (group rank 0; TCP rendezvous at ``master_address:master_port``; world =
+1 + engines, engine i joins as rank i + 1 through ``/init_weights_update_group``), built on the
+first sync and reused until ``destroy_group()`` or a failed sync (which drops it; the next sync
+builds a fresh one on a new port). Per bucket, dst POSTs ``/update_weights_from_distributed``
+{names, dtypes, shapes, group_name, flush_cache, weight_version} to every engine and, while that
+call is in flight, broadcasts each tensor from rank 0 (a worker thread; the HTTP call stays on the
+loop). backend: "nccl" where CUDA is present, else "gloo" (the embedded CPU engine). The group
+never touches the default (Megatron) group, see ``rollout.update_group``.
+Left out: LoRA deltas, quantised (FP8) weight push.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from typing import Literal
@@ -38,11 +45,9 @@ from typing import Literal
 import torch
 
 from megatron_rl.checkpoint.export import DEFAULT_BUCKET_BYTES, iter_hf_tensors
+from megatron_rl.rollout.update_group import DEFAULT_GROUP_NAME, UpdateGroup, dtype_to_str, init_update_group
 
 SyncMode = Literal["tensor", "disk", "distributed"]
-DISTRIBUTED_MSG = ("update_weights_from_distributed (disaggregated NCCL broadcast into SGLang engines "
-                   "that called init_weights_update_group) is the GPU path; it is not available on the "
-                   "embedded CPU engine: use mode='tensor' or mode='disk'")
 
 
 class WeightVersionMismatchError(RuntimeError):
@@ -60,23 +65,32 @@ class WeightSync:
         client: SGLangClient over the engine urls (control calls go to every engine directly).
         bucket_bytes: max bytes per pushed bucket (per HTTP request in "tensor" mode, per shard
             file in "disk" mode).
-        mode: "tensor" | "disk" | "distributed" (raises NotImplementedError, see module doc).
+        mode: "tensor" | "disk" | "distributed" (see module doc).
         dst: the global trainer rank that gathers the tensors and calls the engines.
         pause_mode: SGLang pause mode used around the update ("in_place" | "abort" | "retract").
         disk_dir: "disk" mode only: a directory visible to the engines (shared FS); default a
             temp dir on this host, removed after the engines have loaded it.
+        master_address, master_port: "distributed" only: where dst hosts the group's rendezvous
+            (an address the engines reach); port 0 = a free port picked at each (re)init.
+        group_name, backend: "distributed" only: SGLang's group name; "nccl" | "gloo" (default:
+            "nccl" with CUDA, else "gloo").
+        group_timeout_s: "distributed" only: rendezvous and per-collective timeout.
     """
 
     def __init__(self, client, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, mode: SyncMode = "tensor",
-                 dst: int = 0, pause_mode: str = "in_place", disk_dir: str | None = None):
-        if mode == "distributed":
-            raise NotImplementedError(DISTRIBUTED_MSG)
-        if mode not in ("tensor", "disk"):
+                 dst: int = 0, pause_mode: str = "in_place", disk_dir: str | None = None,
+                 master_address: str = "127.0.0.1", master_port: int = 0,
+                 group_name: str = DEFAULT_GROUP_NAME, backend: str | None = None, group_timeout_s: float = 120.0):
+        if mode not in ("tensor", "disk", "distributed"):
             raise ValueError(f"mode must be 'tensor' | 'disk' | 'distributed', got {mode!r}")
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
         self.client, self.bucket_bytes, self.mode = client, bucket_bytes, mode
         self.dst, self.pause_mode, self.disk_dir = dst, pause_mode, disk_dir
+        self.master_address, self.master_port, self.group_name = master_address, master_port, group_name
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.group_timeout_s = group_timeout_s
+        self.group: UpdateGroup | None = None  # dst only, "distributed" only
 
     # ------------------------------------------------------------------ public
     def sync(self, model, hf_config: dict, version: int) -> dict[str, float]:
@@ -133,6 +147,8 @@ class WeightSync:
             run(self.client.flush_cache())
             if self.mode == "disk":
                 tmp = self.disk_dir or tempfile.mkdtemp(prefix="weight_sync_")
+            if self.mode == "distributed" and self.group is None:
+                self._init_group(loop)
         except Exception as e:  # noqa: BLE001 - drained below, reported on every rank
             error = e
         shards: list[dict[str, str]] = []
@@ -144,6 +160,8 @@ class WeightSync:
             try:
                 if self.mode == "tensor":
                     run(self.client.update_weights_from_tensor(bucket, weight_version=version))
+                elif self.mode == "distributed":
+                    self._push_distributed(loop, bucket, version)
                 else:
                     shards.append(_write_shard(tmp, len(shards), bucket))
             except Exception as e:  # noqa: BLE001
@@ -161,10 +179,58 @@ class WeightSync:
             if tmp is not None and self.disk_dir is None:
                 shutil.rmtree(tmp, ignore_errors=True)
         if error is not None:
+            if self.mode == "distributed":
+                self._drop_group(loop)  # unknown state: the next sync builds a fresh group
             return error
         dt = time.perf_counter() - t0
         return {"perf/sync_time_s": dt, "perf/sync_gb_per_s": n_bytes / 1e9 / max(dt, 1e-9),
                 "sync/num_buckets": float(n_buckets), "sync/bytes": float(n_bytes)}
+
+    # ------------------------------------------------------------------ "distributed" mode (dst)
+    def destroy_group(self) -> None:
+        """dst: engines leave the weight-update group and dst drops its side (no-op if none)."""
+        loop = asyncio.new_event_loop()
+        try:
+            self._drop_group(loop, raise_errors=True)
+        finally:
+            loop.run_until_complete(self.client.close())
+            loop.close()
+
+    def _init_group(self, loop) -> None:
+        """Engines join (HTTP, on the loop) while dst hosts the rendezvous (worker thread)."""
+        port = self.master_port or _free_port(self.master_address)
+        world = 1 + len(self.client.live_urls)
+        join = loop.run_in_executor(None, lambda: init_update_group(
+            self.master_address, port, 0, world, self.group_name, self.backend, self.group_timeout_s))
+        http = self.client.init_weights_update_group(self.master_address, port, world,
+                                                     group_name=self.group_name, backend=self.backend)
+        group, _ = loop.run_until_complete(_gather_both(join, http))
+        self.group = group
+
+    def _push_distributed(self, loop, bucket: dict[str, torch.Tensor], version: str) -> None:
+        """One bucket: announce it over HTTP and broadcast its tensors (in order) concurrently."""
+        group = self.group
+        tensors = [t.detach().to(group.device).contiguous() for t in bucket.values()]
+
+        def send() -> None:
+            for t in tensors:
+                group.broadcast(t, src=0)
+        http = self.client.update_weights_from_distributed(
+            list(bucket), [dtype_to_str(t.dtype) for t in tensors], [list(t.shape) for t in tensors],
+            weight_version=version, group_name=self.group_name, flush_cache=True)
+        loop.run_until_complete(_gather_both(loop.run_in_executor(None, send), http))
+
+    def _drop_group(self, loop, raise_errors: bool = False) -> None:
+        group, self.group = self.group, None
+        if group is None:
+            return
+        try:
+            loop.run_until_complete(self.client.destroy_weights_update_group(self.group_name))
+        except Exception:  # noqa: BLE001 - engines may already have dropped it
+            if raise_errors:
+                raise
+        finally:
+            group.destroy()
 
     async def _check(self, version: str) -> dict[str, str | None]:
         got = await self.client.weight_versions()
@@ -190,6 +256,22 @@ class WeightSync:
                 raise WeightVersionMismatchError(msg)
             raise WeightSyncError(f"weight sync failed on rank {self.dst}: {kind}: {msg}")
         return val
+
+
+async def _gather_both(fut, coro):
+    """Await a thread future and an HTTP coroutine together; if one fails, still wait for the other
+    (a blocked collective times out after group_timeout_s) and raise the first error."""
+    res = await asyncio.gather(fut, coro, return_exceptions=True)
+    for r in res:
+        if isinstance(r, BaseException):
+            raise r
+    return res
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _write_shard(root: str, i: int, bucket: dict[str, torch.Tensor]) -> dict[str, str]:

@@ -8,6 +8,13 @@ Endpoints (JSON field names are SGLang's; errors are HTTP 400 `{"error": {"messa
     POST /update_weights_from_disk {"model_path","weight_version"?,"abort_all_requests"?}
     POST /update_weights_from_tensor {"serialized_named_tensors","weight_version"?,"flush_cache"?,
                                       "abort_all_requests"?}  (payload format: see weights.py)
+    POST /init_weights_update_group {"master_address","master_port","rank_offset","world_size",
+                                     "group_name"?="weight_update_group","backend"?="nccl"}
+         -> {"success","message"}; joins the trainer's group as rank `rank_offset` (CPU: "gloo")
+    POST /update_weights_from_distributed {"names","dtypes","shapes","group_name"?,"flush_cache"?,
+                                           "abort_all_requests"?,"weight_version"?,"load_format"?}
+         -> {"success","message"}; receives each tensor by broadcast from group rank 0, in order
+    POST /destroy_weights_update_group {"group_name"?} -> {"success","message"}
 Not served: streaming, OpenAI chat/completions, input logprobs, LoRA, multimodal.
 """
 
@@ -17,11 +24,13 @@ import asyncio
 import uuid
 from dataclasses import asdict, dataclass
 
+import torch
 from aiohttp import web
 
 from .model_runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Request, Scheduler
+from ..update_group import DEFAULT_GROUP_NAME, UpdateGroup, dtype_from_str, init_update_group
 from .weights import decode_named_tensors
 
 VERSION = "megatron_rl-embedded-0.1"
@@ -39,6 +48,7 @@ class EngineConfig:
     seed: int = 0
     context_length: int | None = None
     weight_version: str = "default"
+    update_group_timeout_s: float = 120.0
 
 
 def _bad(msg: str, status: int = 400) -> web.Response:
@@ -94,6 +104,7 @@ class EngineServer:
         self.cfg = cfg
         self.runner = runner or ModelRunner(cfg.model_path, cfg.dtype, cfg.context_length)
         self.sched = Scheduler(self.runner, cfg.max_running_requests, cfg.seed, cfg.weight_version)
+        self.update_groups: dict[str, UpdateGroup] = {}
 
     async def _run(self, items: list[dict]) -> list[dict]:
         loop = asyncio.get_running_loop()
@@ -160,7 +171,7 @@ class EngineServer:
             self.sched.abort(abort_all=True, message="Abort by weight update")
         try:
             n = await self.sched.call(fn, needs_idle=True)
-        except (KeyError, ValueError, OSError, TypeError) as e:
+        except (KeyError, ValueError, OSError, TypeError, RuntimeError) as e:
             return web.json_response({"success": False, "message": f"Failed to update weights: {e}"}, status=400)
         if body.get("weight_version") is not None:
             self.sched.weight_version = str(body["weight_version"])
@@ -180,6 +191,57 @@ class EngineServer:
         except (KeyError, ValueError, TypeError) as e:
             return web.json_response({"success": False, "message": f"bad serialized_named_tensors: {e}"}, status=400)
         return await self._update(body, lambda: self.runner.update_from_tensors(named), "tensors")
+
+    # -- disaggregated (distributed) weight update: SGLang's weight-update group ------------------
+    async def init_group(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        name = body.get("group_name") or DEFAULT_GROUP_NAME
+        try:
+            args = (str(body["master_address"]), int(body["master_port"]), int(body["rank_offset"]),
+                    int(body["world_size"]), name, str(body.get("backend") or "nccl"))
+        except (KeyError, ValueError, TypeError) as e:
+            return _fail(f"bad init_weights_update_group request: {e!r}")
+        if name in self.update_groups:
+            return _fail(f"weight update group {name!r} already exists; destroy it first")
+        loop = asyncio.get_running_loop()  # the rendezvous blocks: keep it off the event loop
+        try:
+            group = await loop.run_in_executor(
+                None, lambda: init_update_group(*args, timeout_s=self.cfg.update_group_timeout_s))
+        except Exception as e:  # noqa: BLE001 - DistStoreError, RuntimeError, ValueError
+            return _fail(f"Failed to init weight update group {name!r}: {type(e).__name__}: {e}")
+        self.update_groups[name] = group
+        return web.json_response({"success": True, "message": "Succeeded to initialize custom process group."})
+
+    async def update_from_distributed(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        group = self.update_groups.get(body.get("group_name") or DEFAULT_GROUP_NAME)
+        if group is None:
+            return _fail(f"no weight update group {body.get('group_name') or DEFAULT_GROUP_NAME!r}; "
+                         "call /init_weights_update_group first")
+        try:
+            names, shapes = list(body["names"]), [tuple(map(int, s)) for s in body["shapes"]]
+            dtypes = [dtype_from_str(str(d)) for d in body["dtypes"]]
+            if not len(names) == len(shapes) == len(dtypes):
+                raise ValueError(f"names/dtypes/shapes lengths differ: {len(names)}/{len(dtypes)}/{len(shapes)}")
+        except (KeyError, ValueError, TypeError) as e:
+            return _fail(f"bad update_weights_from_distributed request: {e}")
+
+        def receive_and_load() -> int:  # worker thread: receive every tensor first (never strand the sender)
+            named = {}
+            for n, dt, shp in zip(names, dtypes, shapes):
+                buf = torch.empty(shp, dtype=dt, device=group.device)
+                group.broadcast(buf, src=0)
+                named[n] = buf.cpu()
+            return self.runner.update_from_tensors(named)
+        return await self._update(body, receive_and_load, "distributed tensors")
+
+    async def destroy_group(self, request: web.Request) -> web.Response:
+        name = (await _json(request)).get("group_name") or DEFAULT_GROUP_NAME
+        group = self.update_groups.pop(name, None)
+        if group is None:
+            return _fail(f"no weight update group {name!r}")
+        group.destroy()
+        return web.json_response({"success": True, "message": f"Succeeded to destroy custom process group {name!r}."})
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 31)
@@ -205,6 +267,9 @@ class EngineServer:
         app.router.add_post("/continue_generation", self.resume)
         app.router.add_post("/update_weights_from_disk", self.update_from_disk)
         app.router.add_post("/update_weights_from_tensor", self.update_from_tensor)
+        app.router.add_post("/init_weights_update_group", self.init_group)
+        app.router.add_post("/update_weights_from_distributed", self.update_from_distributed)
+        app.router.add_post("/destroy_weights_update_group", self.destroy_group)
         # Colocated mode: SGLang frees / re-takes its GPU memory (KV cache, weights) around
         # training. The CPU engine keeps its weights in host memory, so both are accepted no-ops.
         occupancy = lambda _r: _as_json({"success": True, "message": "no-op on the CPU engine"})  # noqa: E731
@@ -212,7 +277,12 @@ class EngineServer:
             app.router.add_post(path, occupancy)
         app.on_startup.append(lambda _a: _async(self.sched.start))
         app.on_cleanup.append(lambda _a: _async(self.sched.shutdown))
+        app.on_cleanup.append(lambda _a: _async(lambda: [g.destroy() for g in self.update_groups.values()]))
         return app
+
+
+def _fail(msg: str) -> web.Response:
+    return web.json_response({"success": False, "message": msg}, status=400)
 
 
 async def _as_json(obj) -> web.Response:
