@@ -315,3 +315,88 @@ def test_info_endpoints(server, tiny_hf_dir):
     for path in ("/release_memory_occupation", "/resume_memory_occupation"):
         status, body = _call(server, path, {})
         assert status == 200 and body["success"] is True, path
+
+
+# --- edge cases: partial UTF-8 outputs, stop strings across tokens, empty completion with logprobs ---------
+# Byte-level BPE (GPT-2 byte->unicode map): bytes 0xA1..0xAC and 0xAE..0xFF are their own code points,
+# so the single-character tokens "Ã" and "©" are the lone bytes 0xC3 (a 2-byte lead) and 0xA9 (a
+# continuation); together they are "é". Independent reference for the text: Python's UTF-8 decoder.
+LEAD, CONT = "\u00c3", "\u00a9"
+
+
+def _byte_lm_head(model, tok, src: int = 3) -> tuple[dict, dict[int, bytes]]:
+    """lm_head whose greedy choice is always the lone-byte token 0xC3 or 0xA9 (logits +-w_src.h, 0 elsewhere)."""
+    vocab = tok.get_vocab()
+    lead, cont = vocab[LEAD], vocab[CONT]
+    w = torch.zeros_like(model.lm_head.weight)
+    w[lead], w[cont] = model.lm_head.weight[src].detach(), -model.lm_head.weight[src].detach()
+    return {"lm_head.weight": w}, {lead: b"\xc3", cont: b"\xa9"}
+
+
+def _hf_greedy_with(model, named, ids, n):
+    m = copy.deepcopy(model)
+    m.lm_head.weight.data.copy_(named["lm_head.weight"])
+    return m.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, min_new_tokens=n)[0, len(ids):].tolist()
+
+
+def test_partial_utf8_outputs_and_stop_across_byte_tokens(server, hf):
+    from megatron_rl.rollout.engine import encode_named_tensors
+
+    model, tok = hf
+    ids = _prompt(tok, "3+4*2=")
+    named, byte_of = _byte_lm_head(model, tok)
+    ref = _hf_greedy_with(model, named, ids, 10)
+    ref_text = b"".join(byte_of[t] for t in ref).decode("utf-8", errors="replace")
+    assert set(ref) <= set(byte_of) and "\ufffd" in ref_text and "\u00e9" in ref_text, (ref, ref_text)
+    status, res = _call(server, "/update_weights_from_tensor",
+                        {"serialized_named_tensors": [encode_named_tensors(named)], "weight_version": "bytes"})
+    assert status == 200 and res["success"], res
+    try:
+        out = _gen(server, ids, temperature=0.0, max_new_tokens=10, ignore_eos=True, return_logprob=True)
+        assert out["output_ids"] == ref and out["text"] == ref_text
+        assert [t for _, t, _ in out["meta_info"]["output_token_logprobs"]] == ref
+        # ends inside a multi-byte sequence: the lone lead byte(s) at the end are U+FFFD, ids exact
+        cut = next(k for k, t in enumerate(ref) if byte_of[t] == b"\xa9")  # first continuation byte
+        out = _gen(server, ids, temperature=0.0, max_new_tokens=cut, ignore_eos=True)
+        assert out["output_ids"] == ref[:cut] and out["text"] == "\ufffd" * cut
+        # stop "é" spans a lead-byte token and a continuation token; neither decodes to it alone
+        i = next(k for k in range(len(ref) - 1) if (byte_of[ref[k]], byte_of[ref[k + 1]]) == (b"\xc3", b"\xa9"))
+        out = _gen(server, ids, temperature=0.0, max_new_tokens=10, ignore_eos=True, stop="\u00e9")
+        assert out["output_ids"] == ref[: i + 2]
+        assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": "\u00e9"}
+        assert out["text"] == b"".join(byte_of[t] for t in ref[:i]).decode("utf-8", errors="replace")
+    finally:
+        orig = {"lm_head.weight": model.lm_head.weight.detach()}
+        _call(server, "/update_weights_from_tensor",
+              {"serialized_named_tensors": encode_named_tensors(orig), "weight_version": "default"})
+
+
+def test_stop_string_spanning_two_tokens(server, hf):
+    model, tok = hf
+    ids = _prompt(tok, "12*3+5=")
+    full = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=16, min_new_tokens=16)[0, len(ids):]
+    full = full.tolist()
+    full_text = tok.decode(full, skip_special_tokens=True)
+    picks = []
+    for i in range(len(full) - 1):  # boundary after token i; stop = last char before + first char after
+        head = tok.decode(full[: i + 1], skip_special_tokens=True)
+        b = len(head)
+        if full_text.startswith(head) and 0 < b < len(full_text) and tok.decode(full[i + 1: i + 2]) \
+                and full_text.find(full_text[b - 1: b + 1]) == b - 1:
+            picks.append((i, full_text[b - 1: b + 1]))
+    assert picks, f"no two-token stop string in {full_text!r}"
+    i, stop = picks[0]
+    out = _gen(server, ids, temperature=0.0, max_new_tokens=16, ignore_eos=True, stop=[stop, "NEVER-THERE"])
+    assert out["output_ids"] == full[: i + 2]  # the token completing the stop string is kept
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert out["text"] == full_text[: full_text.find(stop)]
+    out = _gen(server, ids, temperature=0.0, max_new_tokens=16, ignore_eos=True, stop=stop, no_stop_trim=True)
+    assert out["output_ids"] == full[: i + 2] and out["text"] == tok.decode(full[: i + 2], skip_special_tokens=True)
+
+
+def test_empty_completion_has_no_logprobs(server, hf):
+    _, tok = hf
+    out = _gen(server, _prompt(tok), max_new_tokens=0, return_logprob=True)
+    assert out["output_ids"] == [] and out["text"] == ""
+    assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
+    assert out["meta_info"]["output_token_logprobs"] == [] and out["meta_info"]["completion_tokens"] == 0

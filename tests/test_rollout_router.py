@@ -82,22 +82,43 @@ def test_weight_update_changes_outputs_and_version(stack, tiny_hf_dir):
     assert restored.output_ids == before.output_ids and restored.weight_version == "v2"
 
 
-def test_kill_engine_mid_rollout_through_router(stack):
-    prompts, n = [[3 + i, 4 + i] for i in range(4)], 3
-    sp = SamplingParams(temperature=1.0, max_new_tokens=24, seed=7)
+def test_partial_utf8_and_empty_response_through_router(stack, tiny_hf_dir):
+    """Lone UTF-8 bytes (0xC3 lead / 0xA9 continuation tokens) survive engine -> router -> client:
+    output_ids equal HF greedy with the same lm_head, text equals Python's lossy UTF-8 decode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+    vocab = tok.get_vocab()
+    lead, cont = vocab["\u00c3"], vocab["\u00a9"]  # byte-level tokens of the lone bytes 0xC3, 0xA9
+    byte_of = {lead: b"\xc3", cont: b"\xa9"}
+    original = model.lm_head.weight.detach().clone()
+    w = torch.zeros_like(original)
+    w[lead], w[cont] = original[3], -original[3]  # greedy picks one of the two, whichever logit is > 0
+    ids = tok.encode("3+4*2=")
+    with torch.no_grad():
+        model.lm_head.weight.copy_(w)
+        ref = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=10,
+                             min_new_tokens=10)[0, len(ids):].tolist()
+    ref_text = b"".join(byte_of[t] for t in ref).decode("utf-8", errors="replace")
+    assert set(ref) <= set(byte_of) and "\ufffd" in ref_text, (ref, ref_text)
+    sp = SamplingParams(temperature=0.0, max_new_tokens=10)
 
     async def go():
         async with client(stack) as c:
-            roll = asyncio.ensure_future(generate_groups(c, prompts, n, sp, rid_prefix="k"))
-            await asyncio.sleep(0.3)
-            dead = kill_engine(stack, 1)
-            return dead, await roll
-    dead, groups = asyncio.run(go())  # runs last in this module: engine 1 stays dead
-    assert stack.dead_engines() == [dead]
-    assert [len(g) for g in groups] == [n] * len(prompts)
-    rids = [r.rid for g in groups for r in g]
-    assert len(set(rids)) == len(rids) == len(prompts) * n
-    assert all(len(r.logprobs) == len(r.output_ids) for g in groups for r in g)
+            await c.update_weights_from_tensor({"lm_head.weight": w}, weight_version="bytes")
+            try:
+                outs = [await c.generate(ids, sp, rid=f"utf8-{i}") for i in range(2)]  # both engines
+                empty = await c.generate(ids, SamplingParams(max_new_tokens=0), rid="empty")
+            finally:
+                await c.update_weights_from_tensor({"lm_head.weight": original}, weight_version="default")
+            return outs, empty
+    outs, empty = asyncio.run(go())
+    for r in outs:
+        assert r.output_ids == ref and r.text == ref_text and r.weight_version == "bytes"
+        assert len(r.logprobs) == 10 and r.finish_reason == "length"
+    assert empty.output_ids == [] and empty.logprobs == [] and empty.text == ""
+    assert empty.finish_reason == "length" and empty.meta_info["completion_tokens"] == 0
 
 
 def test_abort_through_router(stack):
@@ -121,3 +142,21 @@ def test_abort_through_router(stack):
     assert aborted.finish_reason == "abort", aborted.finish_reason
     assert len(aborted.output_ids) < 56
     assert after.finish_reason in ("length", "stop") and len(after.output_ids) >= 1
+
+
+def test_kill_engine_mid_rollout_through_router(stack):
+    prompts, n = [[3 + i, 4 + i] for i in range(4)], 3
+    sp = SamplingParams(temperature=1.0, max_new_tokens=24, seed=7)
+
+    async def go():
+        async with client(stack) as c:
+            roll = asyncio.ensure_future(generate_groups(c, prompts, n, sp, rid_prefix="k"))
+            await asyncio.sleep(0.3)
+            dead = kill_engine(stack, 1)
+            return dead, await roll
+    dead, groups = asyncio.run(go())  # runs last in this module: engine 1 stays dead
+    assert stack.dead_engines() == [dead]
+    assert [len(g) for g in groups] == [n] * len(prompts)
+    rids = [r.rid for g in groups for r in g]
+    assert len(set(rids)) == len(rids) == len(prompts) * n
+    assert all(len(r.logprobs) == len(r.output_ids) for g in groups for r in g)
