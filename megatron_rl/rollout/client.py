@@ -307,15 +307,26 @@ class SGLangClient:
         _check_success(await self._broadcast("POST", "/update_weights_from_disk",
                                              {"model_path": path, "weight_version": weight_version}), path)
 
-    async def update_weights_from_tensor(self, named_tensors: dict, weight_version: str) -> None:
-        """Push {HF name: torch.Tensor} to every engine (embedded engine encoding, see module doc)."""
-        if self.engine_kind != "embedded":
-            raise NotImplementedError("real SGLang expects MultiprocessingSerializer payloads (CUDA IPC); "
-                                      "use update_weights_from_disk or a distributed update group")
-        from safetensors.torch import save
-        blob = save({k: v.detach().cpu().contiguous() for k, v in named_tensors.items()})
-        payload = {"serialized_named_tensors": [base64.b64encode(blob).decode()], "load_format": None,
-                   "flush_cache": True, "weight_version": weight_version}
+    async def update_weights_from_tensor(self, named_tensors: dict, weight_version: str, *,
+                                         tp_size: int = 1) -> None:
+        """Push {HF name: torch.Tensor} to every engine (colocated update, one bucket).
+
+        Payload by engine kind:
+        - embedded: one base64 ``safetensors.torch.save`` blob (CPU tensors).
+        - sglang: SGLang's own colocated format -- one ``MultiprocessingSerializer`` string per
+          engine TP rank of a ``FlattenedTensorBucket`` (``load_format="flattened_bucket"``;
+          CUDA tensors travel as IPC handles, so trainer and engine must share the GPUs). Needs
+          the ``sglang`` package (extra ``.[sglang]``); not exercised on CPU machines.
+        Raises ImportError (sglang kind without sglang), EngineResponseError on refusal.
+        """
+        if self.engine_kind == "embedded":
+            from safetensors.torch import save
+            blob = save({k: v.detach().cpu().contiguous() for k, v in named_tensors.items()})
+            payload = {"serialized_named_tensors": [base64.b64encode(blob).decode()], "load_format": None}
+        else:
+            payload = {"serialized_named_tensors": _sglang_flattened_payload(named_tensors, tp_size),
+                       "load_format": "flattened_bucket"}
+        payload.update(flush_cache=True, weight_version=weight_version)
         _check_success(await self._broadcast("POST", "/update_weights_from_tensor", payload), weight_version)
 
     # ------------------------------------------------------------ disaggregated weight-update group
@@ -360,6 +371,24 @@ class SGLangClient:
         """{url: weight_version} from /get_server_info of every live engine."""
         infos = await self.server_info()
         return {u: i.get("weight_version") for u, i in zip(self._live(), infos)}
+
+
+def _sglang_flattened_payload(named_tensors: dict, tp_size: int) -> list[str]:
+    """SGLang colocated update payload: a FlattenedTensorBucket (one flat buffer + metadata),
+    serialised with SGLang's MultiprocessingSerializer once per engine TP rank."""
+    try:
+        from sglang.srt.utils import MultiprocessingSerializer
+        try:
+            from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+        except ImportError:  # older SGLang releases
+            from sglang.srt.model_executor.model_runner import FlattenedTensorBucket
+    except ImportError as e:
+        raise ImportError("engine_kind='sglang' tensor updates need the sglang package "
+                          "(pip install .[sglang]); use update_weights_from_disk or the distributed "
+                          "update group otherwise") from e
+    bucket = FlattenedTensorBucket(named_tensors=list(named_tensors.items()))
+    data = {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
+    return [MultiprocessingSerializer.serialize(data, output_str=True) for _ in range(tp_size)]
 
 
 def _check_success(results: list[Any], what: str) -> None:
