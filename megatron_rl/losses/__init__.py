@@ -1,0 +1,27 @@
+"""Pure tensor losses for post-training, organised as the unified policy-gradient estimator
+(UPGE, arXiv 2509.04419): ``grad = 1_stable * (1 / pi_ref) * A_hat * grad pi_theta``.
+
+  advantages.py  A_hat: GRPO / Dr. GRPO, RLOO, REINFORCE++, GAE
+  policy.py      1_stable and pi_ref: clipped surrogate (PPO, DAPO clip-higher, dual clip, GSPO)
+                 + the global-normaliser loss aggregation shared by every loss
+  kl.py          KL (k1/k2/k3) as loss or reward shaping; entropy bonus
+  mismatch.py    rollout-vs-trainer mismatch: TIS weights, IcePop / sequence masks
+  sft.py         SFT NLL and HPT (switch SFT <-> RL per prompt)
+Every function takes tensors and scalars only and returns ``(value, metrics)``.
+"""
+
+from megatron_rl.losses.advantages import (gae_advantages, grpo_advantages, reinforce_pp_advantages,
+                                           rloo_advantages, to_tokens)
+from megatron_rl.losses.kl import (entropy_from_logits, entropy_loss, kl_estimate, kl_loss,
+                                   kl_penalty_rewards)
+from megatron_rl.losses.mismatch import mismatch_correction
+from megatron_rl.losses.policy import AGG_MODES, aggregate_loss, masked_mean, policy_loss
+from megatron_rl.losses.sft import (SwitchFn, group_pass_rate, hpt_loss, hpt_masks, sft_loss,
+                                    threshold_switch)
+
+__all__ = [
+    "AGG_MODES", "SwitchFn", "aggregate_loss", "entropy_from_logits", "entropy_loss",
+    "gae_advantages", "group_pass_rate", "grpo_advantages", "hpt_loss", "hpt_masks", "kl_estimate",
+    "kl_loss", "kl_penalty_rewards", "masked_mean", "mismatch_correction", "policy_loss",
+    "reinforce_pp_advantages", "rloo_advantages", "sft_loss", "threshold_switch", "to_tokens",
+]
