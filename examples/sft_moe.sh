@@ -18,7 +18,11 @@
 # Environment: RUN (run dir, default runs/sft_demo), HF, TRAIN, EVAL_DIR, NPROC, PYTHON, SEED.
 set -euo pipefail
 
+# Under sbatch the script runs from a copy in slurmd's spool dir, so BASH_SOURCE does not lead
+# back to the repo: there the repo is the submit directory (sbatch from the repo root).
 ROOT="${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+[ -f "$ROOT/megatron_rl/__init__.py" ] || {
+  echo "sft_moe.sh: $ROOT is not the megatron_rl repo; run sbatch from the repo root" >&2; exit 2; }
 cd "$ROOT"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY="$(command -v python3)"
@@ -47,6 +51,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-2}}"
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
   export MASTER_ADDR MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+  echo "sft_moe.sh: launching with srun (job $SLURM_JOB_ID, ${SLURM_NTASKS:-1} task(s)," \
+       "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT)"
   srun --kill-on-bad-exit=1 "$PY" -m megatron_rl.train.sft "${ARGS[@]}"
 elif [ "${NPROC:-1}" -gt 1 ]; then
   "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
