@@ -79,27 +79,14 @@ def ckpts(tmp_path_factory):
 
 
 def _forward(model, ids: torch.Tensor) -> torch.Tensor | None:
-    """Logits [B, S, Vp] (TP-gathered) through Megatron's schedule (one sample per microbatch);
-    None on stages other than the last."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    """Logits [B, S, Vp] (TP-gathered) through Megatron's schedule, one sample per micro-batch
+    (``train.engine.forward_logits``); None on stages other than the last."""
+    from megatron_rl.train.engine import forward_logits
 
     pos = torch.arange(ids.shape[1]).expand_as(ids)
-    micro = iter([(ids[i:i + 1], pos[i:i + 1]) for i in range(ids.shape[0])])
-
-    def step(data_it, m):
-        x, p = next(data_it)
-        return m(x, p, attention_mask=None), lambda out, non_loss_data=True: out.detach()
-
-    with torch.no_grad():
-        outs = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=micro, model=[model],
-            num_microbatches=ids.shape[0], seq_length=ids.shape[1], micro_batch_size=1,
-            forward_only=True, collect_non_loss_data=True)
-    if not ps.is_pipeline_last_stage():
-        return None
-    return gather_from_tensor_model_parallel_region(torch.cat(outs, dim=0))
+    outs = forward_logits(model, [{"tokens": ids[i:i + 1], "position_ids": pos[i:i + 1]}
+                                  for i in range(ids.shape[0])])
+    return None if outs is None else torch.cat(outs, dim=0)
 
 
 def _build(pc, hf_dir: str):
@@ -109,8 +96,7 @@ def _build(pc, hf_dir: str):
                                     transformer_config_from_hf)
 
     hf_cfg = load_hf_config(hf_dir)
-    opts = ModelOptions(sequence_parallel=pc.sequence_parallel,
-                        overrides={"batch_p2p_sync": False})  # see test_checkpoint_qwen3
+    opts = ModelOptions(sequence_parallel=pc.sequence_parallel)
     cfg = transformer_config_from_hf(hf_cfg, opts, tp=pc.tp, pp=pc.pp, ep=pc.ep, etp=pc.etp)
     return build_model(hf_cfg, cfg, pre_process=ps.is_pipeline_first_stage(),
                        post_process=ps.is_pipeline_last_stage()).eval()

@@ -174,8 +174,9 @@ def train_step(tr: Trainer, microbatches: list[dict], *,
 def forward_logits(tr_or_model, microbatches: list[dict]) -> list[torch.Tensor] | None:
     """Forward-only pass returning full-vocab logits per micro-batch on the last PP stage.
 
-    Returns a list of [B, S, V_padded] float tensors (gathered over TP) on the last pipeline
-    stage, None elsewhere. Used by eval/generation and the layout-equivalence tests.
+    Batch keys: tokens / position_ids [B, S]; attention_mask [B, 1, S, S] bool (optional: None
+    = plain causal). Returns a list of [B, S, V_padded] float tensors (gathered over TP) on the
+    last pipeline stage, None elsewhere. Used by eval/generation and the layout-equivalence tests.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -185,7 +186,7 @@ def forward_logits(tr_or_model, microbatches: list[dict]) -> list[torch.Tensor] 
 
     def step(data_iterator, m):
         batch = next(data_iterator)
-        logits = m(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+        logits = m(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
 
         def collect(output, non_loss_data=True):
             return gather_from_tensor_model_parallel_region(output).detach()  # [B, S, V]
