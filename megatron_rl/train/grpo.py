@@ -229,6 +229,8 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
         eval_sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                                        max_new_tokens=cfg.max_new_tokens, stop_token_ids=svc.stop_token_ids,
                                        seed=cfg.seed)
+        if evals and step == 0:  # the "before" row of the eval table
+            log.log(0, svc.evaluate(evals, cfg.eval_n_samples, eval_sampling))
         while step < cfg.num_steps:
             rows = stream.take(cfg.rollout_batch_size)
             prompts = [build_prompt_ids(tok, r) for r in rows]
