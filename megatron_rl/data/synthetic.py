@@ -250,6 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ood-mid-ops", default="4-5")
     p.add_argument("--ood-hard-ops", default="6-8")
     p.add_argument("--max-value", type=int, default=MAX_VALUE, help="cap on every intermediate value")
+    p.add_argument("--rl-train-ops", default="",
+                   help="also write rl_train.jsonl: RL prompts from this op range (e.g. 4-5), "
+                        "excluding every eval and train prompt (default: not written)")
+    p.add_argument("--n-rl-train", type=int, default=5000, help="rows of rl_train.jsonl")
     a = p.parse_args(argv)
 
     def parse(s: str) -> tuple[int, int]:
@@ -259,6 +263,26 @@ def main(argv: list[str] | None = None) -> None:
     splits = {"id": parse(a.id_ops), "ood_mid": parse(a.ood_mid_ops), "ood_hard": parse(a.ood_hard_ops)}
     for name, path in write_splits(a.out, a.seed, a.n_train, a.n_eval, splits, a.max_value).items():
         print(f"{name}: {path}")
+    if a.rl_train_ops:
+        print(f"rl_train: {write_rl_train(a.out, a.seed, a.n_rl_train, parse(a.rl_train_ops), a.max_value)}")
+
+
+def write_rl_train(out_dir: str | Path, seed: int, n: int, ops: tuple[int, int],
+                   max_value: int = MAX_VALUE) -> Path:
+    """Write rl_train.jsonl (RL prompts from op range ``ops``) next to the splits of
+    :func:`write_splits` in ``out_dir``, excluding every prompt of train.jsonl and eval_*.jsonl
+    found there. Seed: seed + 4 * EVAL_SEED_STRIDE (after the three default eval splits)."""
+    from megatron_rl.data.jsonl import load_jsonl, write_jsonl_atomic
+
+    out = Path(out_dir)
+    taken = {r["prompt"] for f in sorted(out.glob("eval_*.jsonl")) + [out / "train.jsonl"]
+             if f.is_file() for r in load_jsonl(f)}
+    rows = generate(ops, n, seed + 4 * EVAL_SEED_STRIDE, exclude=taken, max_value=max_value)
+    leaked = [r["prompt"] for r in rows if r["prompt"] in taken]
+    if leaked:
+        raise ValueError(f"rl_train leaks {len(leaked)} train/eval prompts, e.g. {leaked[0]!r}")
+    write_jsonl_atomic(out / "rl_train.jsonl", rows)
+    return out / "rl_train.jsonl"
 
 
 if __name__ == "__main__":

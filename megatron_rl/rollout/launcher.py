@@ -132,6 +132,10 @@ class EngineLauncher:
         c = self.cfg
         return [sys.executable, "-m", "sglang_router.launch_router", "--host", c.host, "--port", str(port),
                 "--worker-urls", *self.engine_urls, "--policy", c.router_policy, "--log-level", "warn",
+                # sglang-router binds its Prometheus exporter to 0.0.0.0:29000 by default: a second
+                # router on the host (another job, a baseline eval) panics. A free port instead.
+                *([] if "--prometheus-port" in c.router_args else
+                  ["--prometheus-host", c.host, "--prometheus-port", str(free_port(c.host))]),
                 *c.router_args]
 
     def start(self) -> "EngineLauncher":
