@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from _parity import forward_per_sample
 
 TOL = 1e-4
 V = 300  # not a multiple of 128: exercises vocab padding
@@ -128,15 +129,7 @@ def reference(ckpts):
 # ------------------------------------------------------------------------------ the ranks
 
 
-def _forward(model, ids: torch.Tensor) -> torch.Tensor | None:
-    """Logits [B, S, Vp] (TP-gathered) through Megatron's schedule, one sample per micro-batch
-    (``train.engine.forward_logits``); None on stages other than the last."""
-    from megatron_rl.train.engine import forward_logits
-
-    pos = torch.arange(ids.shape[1]).expand_as(ids)
-    outs = forward_logits(model, [{"tokens": ids[i:i + 1], "position_ids": pos[i:i + 1]}
-                                  for i in range(ids.shape[0])])
-    return None if outs is None else torch.cat(outs, dim=0)
+_forward = forward_per_sample
 
 
 def _build(pc, hf_dir):
