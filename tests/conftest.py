@@ -25,3 +25,13 @@ def tiny_hf_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("tiny") / "model"
     load_tool("make_tiny_model").make_tiny_model(out, seed=0)
     return os.fspath(out)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_hf_dir):
+    """One embedded engine (no router) on the tiny model, for the weight-sync tests."""
+    from megatron_rl.rollout.launcher import EngineLauncher, LaunchConfig
+
+    cfg = LaunchConfig(model_path=tiny_hf_dir, num_engines=1, router=False, health_timeout_s=120)
+    with EngineLauncher(cfg) as launcher:
+        yield launcher

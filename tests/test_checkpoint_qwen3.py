@@ -10,7 +10,6 @@ re-drawn at random so that a swapped or transposed tensor cannot hide behind an 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from _parity import forward_per_sample
+from conftest import load_tool
 
 TOL = 1e-4
 V = 300  # not a multiple of 128: exercises vocab padding
@@ -58,11 +58,7 @@ BAD = {  # name -> (edit of the state dict, strings the error must contain)
 
 
 def _make_tiny():
-    spec = importlib.util.spec_from_file_location(
-        "make_tiny_model", Path(__file__).resolve().parents[1] / "tools" / "make_tiny_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.make_tiny_model
+    return load_tool("make_tiny_model").make_tiny_model
 
 
 def _write_sharded(sd: dict, out: Path, n_files: int = 3) -> None:

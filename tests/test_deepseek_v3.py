@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from _parity import forward_per_sample
+from _parity import forward_per_sample, stream_hf
 
 TOL = 1e-4
 V, B, S = 300, 2, 12
@@ -157,8 +157,6 @@ def _worker(rank: int, world: int, dirs: dict, ids: torch.Tensor) -> list[dict]:
     from megatron.core import parallel_state as ps
 
     from megatron_rl.checkpoint import load_hf_weights
-    from megatron_rl.checkpoint.export import iter_hf_tensors
-    from megatron_rl.models import load_hf_config
     from megatron_rl.parallel import ParallelConfig, destroy_parallel, init_parallel
 
     results = []
@@ -175,9 +173,7 @@ def _worker(rank: int, world: int, dirs: dict, ids: torch.Tensor) -> list[dict]:
             res["logits"] = logits
         if name == "none":
             res.update(_extras(pc, dirs, ids[dp_rank], model))
-        streamed = {}  # the multi-rank streaming export (collective; tensors land on rank 0)
-        for bucket in iter_hf_tensors(model, load_hf_config(dirs["hf"]), bucket_bytes=1 << 16):
-            streamed.update(bucket)
+        streamed = stream_hf(model, dirs["hf"])  # collective; tensors land on rank 0
         if rank == 0:
             res["streamed"] = streamed
         res["seconds"] = time.perf_counter() - t0

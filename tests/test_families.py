@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from _parity import forward_per_sample
+from _parity import forward_per_sample, stream_hf
 
 TOL = 1e-4
 V, B, S = 300, 2, 12
@@ -162,14 +162,8 @@ def _worker(rank: int, world: int, dirs: dict, ids: torch.Tensor) -> list[dict]:
                 from megatron_rl.checkpoint.gather import gather_full_state_dict
 
                 res["full"] = gather_full_state_dict(model)
-            if name != "none":  # the streaming export (collective; tensors land on rank 0)
-                from megatron_rl.checkpoint.export import iter_hf_tensors
-                from megatron_rl.models import load_hf_config
-
-                streamed = {}
-                for bucket in iter_hf_tensors(model, load_hf_config(dirs[family]["hf"]),
-                                              bucket_bytes=1 << 16):
-                    streamed.update(bucket)
+            if name != "none":
+                streamed = stream_hf(model, dirs[family]["hf"])  # collective; lands on rank 0
                 if rank == 0:
                     res["streamed"] = streamed
             if family == "olmoe" and name == "tp2":

@@ -1,11 +1,10 @@
 """tools/make_tiny_model.py and megatron_rl.data.chat against HF transformers as the reference."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 from safetensors import safe_open
 
 from megatron_rl.data.chat import TemplateError, build_prompt_ids, build_sft_sample
@@ -14,10 +13,7 @@ from megatron_rl.data.synthetic import generate, make_problem
 
 transformers = pytest.importorskip("transformers")
 
-_spec = importlib.util.spec_from_file_location(
-    "make_tiny_model", Path(__file__).resolve().parents[1] / "tools" / "make_tiny_model.py")
-make_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_tiny)
+make_tiny = load_tool("make_tiny_model")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from megatron_rl.rollout.client import EngineRequestError, SamplingParams, SGLangClient
-from megatron_rl.rollout.launcher import EngineLauncher, LaunchConfig
 from megatron_rl.rollout.weight_sync import WeightSync
 from megatron_rl.testing import run_distributed
 
@@ -93,13 +92,6 @@ def _worker(rank: int, world: int, hf_dir: str, url: str) -> dict:
     ws.destroy_group()
     destroy_parallel()
     return res
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_hf_dir):
-    cfg = LaunchConfig(model_path=tiny_hf_dir, num_engines=1, router=False, health_timeout_s=120)
-    with EngineLauncher(cfg) as launcher:
-        yield launcher
 
 
 def test_distributed_sync_init_reuse_destroy_reinit(engine, tiny_hf_dir):

@@ -132,11 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = a.hf
         if hf_dir is None:
-            import importlib.util
-            spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "tools" / "make_tiny_model.py")
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            hf_dir = os.fspath(mod.make_tiny_model(Path(tmp) / "tiny", seed=0))
+            from make_tiny_model import make_tiny_model  # tools/ is on sys.path for scripts
+            hf_dir = os.fspath(make_tiny_model(Path(tmp) / "tiny", seed=0))
         data = Path(tmp) / "train.jsonl"
         write_jsonl_atomic(data, generate("id", max(8, a.rollout_batch_size * n_steps), seed=21))
         out = Path(tmp) / "run"

@@ -45,12 +45,10 @@ from megatron_rl.rollout.launcher import EngineLauncher, LaunchConfig  # noqa: E
 
 
 def _make_tiny(out: Path) -> Path:
-    """tools/make_tiny_model.py's model (seed 0) in `out` (tools/ is scripts, not a package)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_make_tiny_model", ROOT / "tools" / "make_tiny_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.make_tiny_model(out, seed=0)
+    """tools/make_tiny_model.py's model (seed 0) in `out` (tools/ is on sys.path for scripts)."""
+    from make_tiny_model import make_tiny_model
+
+    return make_tiny_model(out, seed=0)
 
 
 def build_prompts(model_dir: str, n: int, seed: int) -> list[list[int]]:

@@ -83,11 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = a.hf
         if hf_dir is None:
-            import importlib.util
-            spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "tools" / "make_tiny_model.py")
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            hf_dir = os.fspath(mod.make_tiny_model(Path(tmp) / "tiny", seed=0))
+            from make_tiny_model import make_tiny_model  # tools/ is on sys.path for scripts
+            hf_dir = os.fspath(make_tiny_model(Path(tmp) / "tiny", seed=0))
         buckets = [float(x) for x in a.buckets.split(",")]
         with EngineLauncher(LaunchConfig(model_path=hf_dir, num_engines=1, router=False,
                                          health_timeout_s=300)) as launcher:
