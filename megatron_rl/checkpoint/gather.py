@@ -5,6 +5,8 @@ the single-rank model's state dict (same names and shapes), so two layouts can b
 tensor by tensor. Memory: the full tensors of this rank's layers; not for large models (the
 streaming HF export in this package is the production path).
 
+Parameters only (no buffers such as DeepSeek-V3's router ``expert_bias``); the production HF
+path with bounded memory and mapped buffers is ``checkpoint.export.iter_hf_tensors``.
 Global names: ``decoder.layers.{global_layer}`` and ``local_experts.{global_expert}``; vocab
 rows are the padded Megatron vocab (callers slice to the HF vocab size).
 """
@@ -32,14 +34,12 @@ def _gather(t: torch.Tensor, group, dim: int, gated: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gather_full_state_dict(model, hf_config: dict | None = None) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(model) -> dict[str, torch.Tensor]:
     """Full (TP/ETP-gathered) tensors of this rank's parameters under global names.
 
     Args:
         model: this rank's GPTModel chunk (DDP-wrapped or not). Collective over the TP and
             expert-TP groups: every rank must call it.
-        hf_config: when given, buffers that the family's HF map covers (DeepSeek-V3's router
-            ``expert_bias``) are included too (they are replicated, never sharded).
     Returns:
         ``{global_name: tensor}`` (CPU clones).
     """
@@ -49,13 +49,7 @@ def gather_full_state_dict(model, hf_config: dict | None = None) -> dict[str, to
     gated = bool(module.config.gated_linear_unit)
     layers = {i: layer.layer_number - 1 for i, layer in enumerate(module.decoder.layers)}
     out = {}
-    tensors = module.named_parameters()
-    if hf_config is not None:
-        from megatron_rl.checkpoint.adapter import get_adapter
-        from megatron_rl.checkpoint.hf_loader import named_tensors
-
-        tensors = named_tensors(module, get_adapter(hf_config).rules_for(set(), hf_config)[0])
-    for name, p in tensors:
+    for name, p in module.named_parameters():
         is_expert = ".experts." in name
         group = (ps.get_expert_tensor_parallel_group() if is_expert
                  else ps.get_tensor_model_parallel_group())

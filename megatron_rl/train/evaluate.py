@@ -1,7 +1,8 @@
 """Held-out evaluation: greedy generation + verifier -> exact-match accuracy per split.
 
-The sharded Megatron weights are gathered to rank 0 and converted to an HF model
-(``checkpoint.gather`` + ``checkpoint.hf_loader.full_state_to_hf``), which generates with a KV
+The sharded Megatron weights are streamed to rank 0 as HF tensors in bounded buckets
+(``checkpoint.export.iter_hf_tensors``, the conversion / weight-sync path) and loaded into an HF
+model, which generates with a KV
 cache -- the same HF-transformers path as the embedded rollout engine, and ~L times cheaper than
 re-running Megatron's forward per token. Keys (identical on every rank):
 ``eval/<split>/accuracy`` (fraction in [0, 1]), ``eval/<split>/n``,
@@ -26,19 +27,13 @@ def gather_hf_model(tr, hf_dir: str, hf_config: dict):
     current weights on global rank 0, None elsewhere."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from megatron_rl.checkpoint.gather import gather_full_state_dict
-    from megatron_rl.checkpoint.hf_loader import full_state_to_hf
+    from megatron_rl.checkpoint.export import iter_hf_tensors
 
-    full = gather_full_state_dict(tr.model, hf_config)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    parts = [None] * world if rank == 0 else None
-    torch.distributed.gather_object(full, parts, dst=0)
-    if rank != 0:
+    sd = {}  # transformers keeps experts stacked in memory: ask for that layout
+    for bucket in iter_hf_tensors(tr.model, hf_config, fused_experts=True):  # collective
+        sd.update(bucket)
+    if torch.distributed.get_rank() != 0:
         return None
-    merged = {}
-    for p in parts:
-        merged.update(p)
-    sd = full_state_to_hf(merged, tr.config, hf_config, fused_experts=True)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir),
                                              dtype=torch.float32)
     model.load_state_dict(sd, strict=True)
