@@ -15,106 +15,252 @@ rollouts, HPT, sequence packing of rollouts, routing replay, colocated memory re
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import shlex
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from megatron_rl.losses.advantages import grpo_advantages, rloo_advantages
+from megatron_rl.losses.advantages import grpo_advantages, reinforce_pp_advantages, rloo_advantages
 from megatron_rl.losses.mismatch import mismatch_correction
+from megatron_rl.losses.shaping import overlong_penalty
 from megatron_rl.rollout.client import SamplingParams
 from megatron_rl.rollout.rewards import Verifier, synthetic_verifier
 from megatron_rl.train.engine import Trainer, train_step
 from megatron_rl.train.logprobs import compute_logprobs
-from megatron_rl.train.rl_batch import LossStats, PolicyLossSettings, microbatches, policy_forward_step
-from megatron_rl.train.rl_config import ADVANTAGES, RLConfig
-from megatron_rl.train.rl_rollout import RolloutService, rollout_stats
+from megatron_rl.train.rl_batch import LossStats, PolicyLossSettings, Sample, microbatches, policy_forward_step
+from megatron_rl.train.rl_config import ADVANTAGES, KL_KINDS, LBL_MODES, REPLAY_MODES, RLConfig
+from megatron_rl.train.rl_rollout import RolloutProducer, RolloutService, StepBatch, rollout_stats
 
 
-def rl_step(tr: Trainer, cfg: RLConfig, svc: RolloutService, weights, prompts: list[list[int]],
-            labels: list[str], *, step: int, pad_id: int) -> dict:
-    """One RL step (policy version step-1 -> step). Collective over every trainer rank.
+@dataclass(kw_only=True)
+class StepContext:
+    """What ``rl_step`` needs besides the config: the weight sync, the frozen reference model (KL
+    on), the driver's rollout producer (drained before the sync), a row -> demonstration builder
+    (HPT on) and the pad id."""
 
-    Args: tr: the trainer; cfg: the run config; svc: rollout service; weights: ``WeightSync``;
-        prompts / labels: the P prompts (token ids) and verifier labels of this step;
-        step: the new policy version (1-based), pushed to the engines at the end.
-    Returns: rollout/*, mismatch/*, train/*, perf/* metrics (identical on every rank except
-        the driver-only perf/rollout_time_s and perf/reward_time_s).
+    weights: object
+    producer: RolloutProducer
+    pad_id: int
+    ref_model: object = None
+    demo: Callable[[dict], Sample] | None = None
+
+
+def rl_step(tr: Trainer, cfg: RLConfig, ctx: StepContext, batch: StepBatch, *, step: int) -> dict:
+    """One RL step (policy version step-1 -> step) on a produced rollout batch. Collective.
+
+    Args: tr: the trainer; cfg: the run config; ctx: see ``StepContext``; batch: this step's
+        scored rollout (``RolloutProducer.get``: prompts -> engines -> rewards, already done, with
+        dynamic sampling / one-step-off as configured); step: the new policy version, pushed to
+        the engines at the end.
+    Returns: rollout/*, mismatch/*, train/*, moe/*, perf/* metrics (identical on every rank except
+        the driver-only perf/*_time_s of the rollout).
     """
-    from megatron.core import parallel_state as ps
-
-    metrics, t_step = {}, time.perf_counter()
-    # 1-2. prompts -> engines (n samples each, engine logprobs) -> rewards; the same on every rank
-    sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                              stop_token_ids=svc.stop_token_ids, seed=(cfg.seed * 7919 + step) * cfg.num_samples)
-    samples, times = svc.rollout(prompts, labels, cfg.n_samples_per_prompt, sampling, tag=f"step{step}")
-    metrics.update(times | rollout_stats(samples, cfg.n_samples_per_prompt))
-    # 3. group-wise advantages [P, n] (failed verifier: reward NaN -> 0 here, masked in the loss)
-    rewards = torch.tensor([s.reward for s in samples]).nan_to_num(0.0).view(-1, cfg.n_samples_per_prompt)
-    adv = (rloo_advantages(rewards)[0] if cfg.advantage == "rloo" else
-           grpo_advantages(rewards, normalize_std=cfg.advantage == "grpo")[0]).reshape(-1)
-    # 4. this DP rank's shard -> k mini-batches of padded micro-batches
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    k, per_rank = cfg.mini_batches_per_rollout, len(samples) // dp
-    if len(samples) % (dp * k):
-        raise ValueError(f"{len(samples)} samples do not split into {dp} DP ranks x {k} mini-batches")
-    seq_len = max(len(s.prompt_ids) + len(s.output_ids) for s in samples)
-    lo, m = dp_rank * per_rank, per_rank // k
-    minis = [microbatches(samples[lo + j * m: lo + (j + 1) * m], adv[lo + j * m: lo + (j + 1) * m],
-                          cfg.micro_batch_size, seq_len, pad_id) for j in range(k)]
-    # 5. old logprobs under the rollout policy (no grad) + rollout/trainer mismatch (+ TIS weights)
+    metrics, t_step = dict(batch.metrics), time.perf_counter()
+    samples, n = batch.samples, cfg.n_samples_per_prompt
+    metrics.update(rollout_stats(samples, n))
+    # 1. rewards (+ DAPO soft overlong punishment) -> group-wise advantages [P, n]
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64).nan_to_num(0.0)
+    if cfg.overlong_buffer:
+        pen, m = overlong_penalty(torch.tensor([len(s.output_ids) for s in samples]), cfg.max_new_tokens,
+                                  cfg.overlong_buffer, cfg.overlong_penalty)
+        rewards, metrics = rewards + pen, metrics | m
+    adv = group_advantages(rewards.view(-1, n), cfg.advantage).reshape(-1)
+    # 2. which samples carry loss: failed verifier (NaN reward), overlong filtering, HPT switch
+    train_samples, train_adv = select_training_samples(samples, adv, batch.rows, cfg, ctx, metrics)
+    # 3. this DP rank's share -> k mini-batches of micro-batches (padded rows, or packed)
+    minis = shard_minibatches(train_samples, train_adv, cfg, ctx.pad_id)
+    # 4. old logprobs under the rollout policy (no grad) + mismatch (TIS / IcePop / seq mask),
+    #    reference logprobs when the KL is on
     t0 = time.perf_counter()
-    metrics.update(attach_old_logprobs(tr, [mb for mini in minis for mb in mini], cfg.tis_cap))
+    flat = [mb for mini in minis for mb in mini]
+    metrics.update(attach_old_logprobs(tr, flat, cfg))
+    if ctx.ref_model is not None:
+        for mb in flat:
+            mb["ref_logprobs"] = label_frame(compute_logprobs(ctx.ref_model, mb["tokens"], **_layout_kwargs(mb)),
+                                             mb["loss_mask"])
     metrics["perf/logprob_time_s"] = time.perf_counter() - t0
-    # 6. k optimizer steps, each a token-mean over its global mini-batch
-    t0, settings = time.perf_counter(), PolicyLossSettings(
-        eps_low=cfg.eps_low, eps_high=cfg.eps_high, agg=cfg.loss_agg, max_response_len=cfg.max_new_tokens)
-    losses, clip, norms = [], [], []
+    # 5. k optimizer steps, each a token-mean over its global mini-batch
+    t0 = time.perf_counter()
+    settings = PolicyLossSettings(eps_low=cfg.eps_low, eps_high=cfg.eps_high, agg=cfg.loss_agg,
+                                  max_response_len=cfg.max_new_tokens, **_extra_loss_settings(cfg))
+    per_mini = []
     for j, mini in enumerate(minis):
         num_tokens, num_seqs = global_counts(mini)
         stats = LossStats()
         out = train_step(tr, mini, forward_step=policy_forward_step(settings, num_tokens, num_seqs, stats))
         red = stats.reduce()
         if j == 0:
-            metrics["train/ratio_max_abs_dev_first_minibatch"] = red["ratio_max_abs_dev"]
-        losses.append(out["train/loss"])
-        clip.append(red["train/clip_frac"])
-        norms.append(out["train/grad_norm"])
+            metrics["train/ratio_max_abs_dev_first_minibatch"] = red.pop("ratio_max_abs_dev")
+        red.pop("ratio_max_abs_dev", None)
+        per_mini.append({"train/loss": out["train/loss"], "train/grad_norm": out["train/grad_norm"], **red})
+    k = len(minis)
+    for key in per_mini[0]:
+        metrics[key] = sum(m[key] for m in per_mini) / k
+    metrics["train/lr"] = out["train/lr"]
     versions = [int(s.weight_version) for s in samples if (s.weight_version or "").isdigit()]
     rl_lag = (step - 1 - min(versions)) if versions else 0  # RL steps the samples are behind
-    metrics.update({"train/loss": sum(losses) / k, "train/clip_frac": sum(clip) / k,
-                    "train/grad_norm": sum(norms) / k, "train/lr": out["train/lr"],
-                    "train/policy_version_lag": rl_lag * k + (k - 1) / 2})  # in optimizer steps
+    metrics["train/policy_version_lag"] = rl_lag * k + (k - 1) / 2  # in optimizer steps
+    if versions:
+        metrics["rollout/weight_version_min"] = float(min(versions))
+        metrics["rollout/weight_version_max"] = float(max(versions))
     metrics["perf/train_time_s"] = time.perf_counter() - t0
-    # 7. versioned weight sync Megatron -> engines (version = step)
-    sync = weights.sync(tr.model, tr.hf_config, version=step)
+    # 6. versioned weight sync Megatron -> engines (version = step), once the engines are idle
+    ctx.producer.drain()
+    sync = ctx.weights.sync(tr.model, tr.hf_config, version=step)
     metrics["perf/sync_time_s"] = sync["perf/sync_time_s"]
-    # 8. throughput
-    metrics["perf/step_time_s"] = dt = time.perf_counter() - t_step
+    # 7. throughput
+    metrics["perf/step_time_s"] = dt = time.perf_counter() - t_step + metrics.get("perf/produce_time_s", 0.0)
     metrics["perf/tokens_per_s"] = sum(len(s.prompt_ids) + len(s.output_ids) for s in samples) / dt
     return metrics
 
 
-def attach_old_logprobs(tr: Trainer, mbs: list[dict], tis_cap: float | None) -> dict:
-    """Set ``old_logprobs`` [B, S] (and ``is_weights`` with a TIS cap) on every micro-batch.
+def group_advantages(rewards: torch.Tensor, estimator: str) -> torch.Tensor:
+    """[P, n] rewards -> [P, n] advantages of ``estimator`` (see ``RLConfig.advantage``)."""
+    if estimator == "rloo":
+        return rloo_advantages(rewards)[0]
+    if estimator == "reinforce_pp":
+        return reinforce_pp_advantages(rewards)[0]
+    return grpo_advantages(rewards, normalize_std=estimator == "grpo")[0]
 
-    Returns mismatch/{logprob_abs_diff, k3_kl, masked_frac} token-weighted over the DP group.
+
+def select_training_samples(samples: list[Sample], adv: torch.Tensor, rows: list[dict], cfg: RLConfig,
+                            ctx: StepContext, metrics: dict) -> tuple[list[Sample], torch.Tensor]:
+    """Samples that enter the loss and their advantages [N'].
+
+    Overlong filtering (DAPO sec. 3.4) drops truncated samples from the loss (their rewards still
+    counted in the group baseline); HPT (``cfg.hpt_gamma``) replaces the rollouts of each prompt
+    whose pass rate is <= gamma by one demonstration row (SFT loss). Failed verifications (NaN
+    reward) are masked in ``collate``. Adds rollout/overlong_filtered_frac, hpt/sft_prompt_frac.
+    """
+    n = cfg.n_samples_per_prompt
+    keep = [True] * len(samples)
+    if cfg.overlong_filter:
+        keep = [s.finish_reason != "length" for s in samples]
+        metrics["rollout/overlong_filtered_frac"] = 1.0 - sum(keep) / len(keep)
+    out, out_adv, demos = [], [], []
+    for g, row in enumerate(rows):
+        group = range(g * n, (g + 1) * n)
+        rate = sum(samples[i].reward >= 1.0 for i in group) / n
+        if cfg.hpt_gamma is not None and rate <= cfg.hpt_gamma:
+            demos.append(ctx.demo(row))
+            continue
+        out += [samples[i] for i in group if keep[i]]
+        out_adv += [float(adv[i]) for i in group if keep[i]]
+    if cfg.hpt_gamma is not None:
+        metrics["hpt/sft_prompt_frac"] = len(demos) / max(len(rows), 1)
+    return out + demos, torch.tensor(out_adv + [0.0] * len(demos))
+
+
+def shard_minibatches(samples: list[Sample], adv: torch.Tensor, cfg: RLConfig, pad_id: int) -> list[list[dict]]:
+    """This DP rank's k mini-batches of micro-batches.
+
+    The sample list is padded with fully masked dummy samples to a multiple of dp * k, so every
+    DP rank runs the same number of micro-batches (the EP all-to-alls span DP ranks); rank r
+    takes the r-th contiguous share, mini-batch j the j-th slice of it.
     """
     from megatron.core import parallel_state as ps
 
+    dp, dp_rank, k = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank(), cfg.mini_batches_per_rollout
+    pad = (-len(samples)) % (dp * k)
+    samples = list(samples) + [dummy_sample(pad_id)] * pad
+    adv = torch.cat([adv.float(), torch.zeros(pad)])
+    per_rank = len(samples) // dp
+    m, lo = per_rank // k, dp_rank * per_rank
+    if cfg.pack_rollouts:
+        cap = cfg.pack_max_tokens or max(len(s.prompt_ids) + len(s.output_ids) for s in samples)
+        from megatron_rl.train.rl_batch import pack_microbatches
+
+        minis = [pack_microbatches(samples[lo + j * m: lo + (j + 1) * m], adv[lo + j * m: lo + (j + 1) * m],
+                                   cap, pad_id) for j in range(k)]
+        return [_even_microbatch_count(mini, pad_id) for mini in minis]
+    seq_len = max(len(s.prompt_ids) + len(s.output_ids) for s in samples)
+    return [microbatches(samples[lo + j * m: lo + (j + 1) * m], adv[lo + j * m: lo + (j + 1) * m],
+                         cfg.micro_batch_size, seq_len, pad_id) for j in range(k)]
+
+
+def _even_microbatch_count(mini: list[dict], pad_id: int) -> list[dict]:
+    """Pad a packed mini-batch with fully masked micro-batches to the DP group's max count."""
+    from megatron.core import parallel_state as ps
+
+    c = torch.tensor([len(mini)], dtype=torch.int64)
+    torch.distributed.all_reduce(c, op=torch.distributed.ReduceOp.MAX, group=ps.get_data_parallel_group())
+    while len(mini) < int(c):
+        mini.append(masked_copy(mini[0]))
+    return mini
+
+
+def masked_copy(mb: dict) -> dict:
+    """A micro-batch with ``mb``'s shapes and no loss token (keeps DP ranks' schedules in step)."""
+    out = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in mb.items()}
+    for key in ("loss_mask", "advantages", "sft_mask"):
+        if key in out and torch.is_tensor(out[key]):
+            out[key] = torch.zeros_like(out[key])
+    return out
+
+
+def _layout_kwargs(mb: dict) -> dict:
+    """compute_logprobs keywords for a (possibly packed) micro-batch."""
+    kw = {"attention_mask": mb["attention_mask"]}
+    if "seq_ids" in mb:  # packed: positions restart at every sample
+        kw["position_ids"] = mb["position_ids"]
+    return kw
+
+
+def dummy_sample(pad_id: int) -> Sample:
+    """A sample with no response: a fully masked row (pads the batch to an even DP split)."""
+    return Sample(prompt_ids=[pad_id], output_ids=[], rollout_logprobs=[], reward=0.0,
+                  finish_reason="pad", weight_version=None)
+
+
+def label_frame(logp: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B, S-1] logprobs of tokens[:, 1:] -> [B, S] in the label frame (last position 0)."""
+    out = torch.zeros_like(like, dtype=torch.float32)
+    out[:, :-1] = logp
+    return out
+
+
+def _extra_loss_settings(cfg: RLConfig) -> dict:
+    """PolicyLossSettings fields beyond the clip (only those the loss supports are passed)."""
+    fields = PolicyLossSettings.__dataclass_fields__
+    extra = {"entropy_coef": cfg.entropy_coef, "kl_coef": cfg.kl_coef, "kl_kind": cfg.kl_kind}
+    for key, value in extra.items():
+        if key not in fields and value not in (0.0, "k3"):
+            raise ValueError(f"this build's policy loss has no {key}")
+    return {k: v for k, v in extra.items() if k in fields}
+
+
+def attach_old_logprobs(tr: Trainer, mbs: list[dict], cfg: RLConfig) -> dict:
+    """Set ``old_logprobs`` [B, S] (and ``is_weights`` with a TIS cap) on every micro-batch and
+    apply IcePop / sequence masking to ``loss_mask`` (``losses.mismatch.mismatch_correction``).
+
+    Returns mismatch/{logprob_abs_diff, k3_kl, masked_frac} token-weighted over the DP group.
+    Demonstration rows (HPT, no engine logprobs) are excluded from the mismatch statistics.
+    """
+    from megatron.core import parallel_state as ps
+
+    icepop = None if cfg.icepop_low is None else (cfg.icepop_low, cfg.icepop_high)
+    seq = None if cfg.seq_mask_low is None else (cfg.seq_mask_low, cfg.seq_mask_high)
     acc = torch.zeros(4, dtype=torch.float64)  # tokens, |dlogp| sum, k3 sum, masked sum
     for mb in mbs:
-        old = torch.zeros_like(mb["rollout_logprobs"])
-        old[:, :-1] = compute_logprobs(tr, mb["tokens"])  # [B, S-1] in the label frame
+        old = label_frame(compute_logprobs(tr, mb["tokens"], **_layout_kwargs(mb)), mb["rollout_logprobs"])
         mb["old_logprobs"] = old
-        weights, keep, mm = mismatch_correction(old, mb["rollout_logprobs"], mb["loss_mask"], tis_cap=tis_cap)
-        n = float(mb["loss_mask"].sum())
+        rl_mask = mb["loss_mask"].bool()
+        if "sft_mask" in mb:
+            rl_mask = rl_mask & ~mb["sft_mask"].bool()
+        weights, keep, mm = mismatch_correction(old, mb["rollout_logprobs"], rl_mask, tis_cap=cfg.tis_cap,
+                                                icepop_bounds=icepop, seq_bounds=seq)
+        n = float(rl_mask.sum())
         acc += torch.tensor([n, float(mm["mismatch/abs_logp_diff"]) * n, float(mm["mismatch/k3_kl"]) * n,
                              float(mm["mismatch/masked_frac"]) * n], dtype=torch.float64)
-        mb["loss_mask"] = keep.float()
+        dropped = rl_mask & ~keep
+        mb["loss_mask"] = (mb["loss_mask"].bool() & ~dropped).float()
         if weights is not None:
-            mb["is_weights"] = weights
+            mb["is_weights"] = torch.where(rl_mask, weights, torch.ones_like(weights))
     torch.distributed.all_reduce(acc, group=ps.get_data_parallel_group())
     n = acc[0].clamp(min=1)
     return {"mismatch/logprob_abs_diff": float(acc[1] / n), "mismatch/k3_kl": float(acc[2] / n),
@@ -143,6 +289,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
     d.add_argument("--eval-data", action="append", default=[], help="NAME=PATH, repeatable")
     d.add_argument("--num-engines", type=int, default=2)
     d.add_argument("--engine-kind", default="embedded", choices=["embedded", "sglang"])
+    d.add_argument("--engine-args", default="",
+                   help="extra engine flags, one shell-quoted string passed through to every engine "
+                        "(e.g. \"--dtype bfloat16\"; SGLang: \"--mem-fraction-static 0.7 --tp 2\")")
     r = p.add_argument_group("rl")
     r.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per step")
     r.add_argument("--n-samples-per-prompt", type=int, default=4)
@@ -156,6 +305,27 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
     r.add_argument("--eps-low", type=float, default=0.2)
     r.add_argument("--eps-high", type=float, default=0.2)
     r.add_argument("--tis-cap", type=float, default=None)
+    r.add_argument("--icepop-low", type=float, default=None)
+    r.add_argument("--icepop-high", type=float, default=None)
+    r.add_argument("--seq-mask-low", type=float, default=None)
+    r.add_argument("--seq-mask-high", type=float, default=None)
+    r.add_argument("--kl-coef", type=float, default=0.0)
+    r.add_argument("--kl-kind", default="k3", choices=KL_KINDS)
+    r.add_argument("--ref-hf", default=None, help="HF dir of the frozen reference policy (KL)")
+    r.add_argument("--entropy-coef", type=float, default=0.0)
+    r.add_argument("--dynamic-sampling", action="store_true")
+    r.add_argument("--dynamic-sampling-max-rounds", type=int, default=4)
+    r.add_argument("--overlong-filter", action="store_true")
+    r.add_argument("--overlong-buffer", type=int, default=0)
+    r.add_argument("--overlong-penalty", type=float, default=1.0)
+    r.add_argument("--async-one-step-off", action="store_true")
+    r.add_argument("--hpt-gamma", type=float, default=None)
+    r.add_argument("--pack-rollouts", action="store_true")
+    r.add_argument("--pack-max-tokens", type=int, default=0)
+    r.add_argument("--lbl-mode", default="off", choices=LBL_MODES)
+    r.add_argument("--lbl-alpha", type=float, default=0.0)
+    r.add_argument("--expert-bias-rate", type=float, default=0.0)
+    r.add_argument("--routing-replay", default="off", choices=REPLAY_MODES)
     r.add_argument("--eval-interval", type=int, default=0, help="0: only at the end")
     r.add_argument("--eval-n-samples", type=int, default=4)
     r.add_argument("--eval-max-prompts", type=int, default=64)
@@ -166,9 +336,17 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
         if "=" not in spec:
             p.error(f"--eval-data expects NAME=PATH, got {spec!r}")
     try:
+        args.engine_extra_args = tuple(shlex.split(args.engine_args))
+    except ValueError as e:
+        p.error(f"--engine-args: {e}")
+    try:
         cfg = RLConfig(**{f: getattr(args, f) for f in RLConfig.__dataclass_fields__})
     except ValueError as e:
         p.error(str(e))
+    if cfg.kl_coef > 0 and not os.path.isfile(os.path.join(cfg.ref_hf, "config.json")):
+        p.error(f"--ref-hf {cfg.ref_hf}: no config.json there (an HF checkpoint dir is expected)")
+    if args.moe_aux_loss_coeff > 0 and cfg.lbl_mode != "off":
+        p.error("--lbl-mode and --moe-aux-loss-coeff are two load-balancing losses; use one")
     args.train_steps = cfg.num_steps * cfg.mini_batches_per_rollout  # LR schedule in optimizer steps
     return args, cfg
 
@@ -182,17 +360,43 @@ def _engines(args):
     from megatron_rl.rollout.launcher import EngineLauncher, LaunchConfig
 
     cfg = LaunchConfig(model_path=args.hf, num_engines=args.num_engines, engine_kind=args.engine_kind,
-                       router=True, log_dir=os.path.join(args.out, "engine_logs"))
+                       router=True, log_dir=os.path.join(args.out, "engine_logs"),
+                       extra_args=args.engine_extra_args)
     with EngineLauncher(cfg) as launcher:
         yield launcher
+
+
+def load_reference_model(tr: Trainer, ref_hf: str):
+    """The frozen reference policy: this rank's GPTModel chunk with ``tr``'s layout and config,
+    loaded from the HF dir ``ref_hf`` (eval mode, no grad, no optimizer)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_rl.checkpoint.hf_loader import load_hf_weights
+    from megatron_rl.models import load_hf_config
+    from megatron_rl.models.base import build_model
+
+    hf_config = load_hf_config(ref_hf)
+    if hf_config.get("model_type") != tr.hf_config.get("model_type"):
+        raise ValueError(f"--ref-hf {ref_hf}: model_type {hf_config.get('model_type')!r} differs from the "
+                         f"policy's {tr.hf_config.get('model_type')!r}")
+    model = build_model(hf_config, copy.copy(tr.config), pre_process=ps.is_pipeline_first_stage(),
+                        post_process=ps.is_pipeline_last_stage())
+    load_hf_weights(model, ref_hf, hf_config)
+    model.eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return model
 
 
 def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     """Run (or resume) a GRPO job; ``verifier(response, label) -> float`` scores the samples.
 
     Returns, on rank 0, {"step", "engine_versions"} (each engine's final weight_version); else {}.
+    Raises: ``DatasetError`` (file:line) for a bad train/eval row before any model is built;
+    what ``rl_step`` raises (e.g. ``RewardFailureError`` above the verifier failure rate,
+    ``EngineResponseError`` for an engine that returns fewer logprobs than tokens).
     """
-    from megatron_rl.data.chat import build_prompt_ids, end_of_turn_id
+    from megatron_rl.data.chat import build_prompt_ids, build_sft_sample, end_of_turn_id
     from megatron_rl.data.jsonl import load_jsonl
     from megatron_rl.parallel import destroy_parallel
     from megatron_rl.rollout.client import SGLangClient
@@ -203,22 +407,33 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     from megatron_rl.train.sft import setup
 
     args, cfg = parse_args(argv)
-    tr, tok, _ = setup(args)
-    rank0 = torch.distributed.get_rank() == 0
-    stream = PromptStream(load_jsonl(args.train_data), cfg.seed)
-    evals = {}
+    # data first: a bad row fails in seconds, naming file:line, before any model is built
+    train_rows = load_jsonl(args.train_data, require_solution=cfg.hpt_gamma is not None)
+    eval_rows = {}
     for spec in args.eval_data:
         name, path = spec.split("=", 1)
-        rows = load_jsonl(path)[: cfg.eval_max_prompts]
-        evals[name] = ([build_prompt_ids(tok, r) for r in rows], [r["label"] for r in rows])
+        eval_rows[name] = load_jsonl(path)[: cfg.eval_max_prompts]
+    tr, tok, _ = setup(args)
+    rank0 = torch.distributed.get_rank() == 0
+    stream = PromptStream(train_rows, cfg.seed)
+    evals = {name: ([build_prompt_ids(tok, r) for r in rows], [r["label"] for r in rows])
+             for name, rows in eval_rows.items()}
+    ref_model = load_reference_model(tr, cfg.ref_hf) if cfg.kl_coef > 0 else None
     root = os.path.join(args.out, "checkpoints")
     state = None if args.no_resume else ckpt.load_checkpoint(root, tr)
     step = 0 if state is None else state["step"]
-    if state is not None:
-        stream.load_state_dict(state["data"])
     log = MetricsLogger(args.out, enabled=rank0, resume_step=step)
     eot = end_of_turn_id(tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    max_len = max(len(build_prompt_ids(tok, r)) for r in train_rows) + cfg.max_new_tokens
+
+    def demo(row: dict) -> Sample:  # HPT: the row's solution as one SFT row
+        ids = build_sft_sample(tok, row, max_len + 64)
+        first = ids["loss_mask"].index(1)
+        return Sample(prompt_ids=ids["input_ids"][:first], output_ids=ids["input_ids"][first:],
+                      rollout_logprobs=[0.0] * (len(ids["input_ids"]) - first), reward=1.0,
+                      finish_reason="demo", weight_version=None, is_demo=True)
+
     result = {}
     with _engines(args) as launcher:
         svc = RolloutService(engine_urls=launcher.engine_urls if launcher else None,
@@ -229,20 +444,35 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
         eval_sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                                        max_new_tokens=cfg.max_new_tokens, stop_token_ids=svc.stop_token_ids,
                                        seed=cfg.seed)
-        if evals and step == 0:  # the "before" row of the eval table
-            log.log(0, svc.evaluate(evals, cfg.eval_n_samples, eval_sampling))
-        while step < cfg.num_steps:
-            rows = stream.take(cfg.rollout_batch_size)
-            prompts = [build_prompt_ids(tok, r) for r in rows]
-            metrics = rl_step(tr, cfg, svc, weights, prompts, [r["label"] for r in rows], step=step + 1,
-                              pad_id=pad_id)
-            step += 1
-            last = step == cfg.num_steps
-            if evals and ((cfg.eval_interval and step % cfg.eval_interval == 0) or last):
-                metrics.update(svc.evaluate(evals, cfg.eval_n_samples, eval_sampling))
-            log.log(step, metrics)
-            if (cfg.save_interval and step % cfg.save_interval == 0) or last:
-                ckpt.save_checkpoint(root, step, tr, {"data": stream.state_dict()})
+
+        def sampling(s: int) -> SamplingParams:
+            return SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                  stop_token_ids=svc.stop_token_ids, seed=(cfg.seed * 7919 + s) * cfg.num_samples)
+
+        producer = RolloutProducer(svc, stream, lambda row: build_prompt_ids(tok, row),
+                                   prompts_per_step=cfg.rollout_batch_size, n=cfg.n_samples_per_prompt,
+                                   sampling=sampling, dynamic_sampling=cfg.dynamic_sampling,
+                                   max_rounds=cfg.dynamic_sampling_max_rounds,
+                                   async_one_step_off=cfg.async_one_step_off)
+        if state is not None:
+            producer.load_state_dict(state["rollout"])
+        ctx = StepContext(weights=weights, producer=producer, pad_id=pad_id, ref_model=ref_model,
+                          demo=demo if cfg.hpt_gamma is not None else None)
+        try:
+            if evals and step == 0:  # the "before" row of the eval table
+                log.log(0, svc.evaluate(evals, cfg.eval_n_samples, eval_sampling))
+            while step < cfg.num_steps:
+                batch = producer.get(step + 1, last_step=cfg.num_steps)
+                metrics = rl_step(tr, cfg, ctx, batch, step=step + 1)
+                step += 1
+                last = step == cfg.num_steps
+                if evals and ((cfg.eval_interval and step % cfg.eval_interval == 0) or last):
+                    metrics.update(svc.evaluate(evals, cfg.eval_n_samples, eval_sampling))
+                log.log(step, metrics)
+                if (cfg.save_interval and step % cfg.save_interval == 0) or last:
+                    ckpt.save_checkpoint(root, step, tr, {"rollout": producer.state_dict()})
+        finally:
+            producer.close()
         if rank0:
             result = {"step": step, "engine_versions": weights.check_versions(step)}
     log.close()

@@ -8,14 +8,19 @@ and the ``SGLangClient``s. ``RolloutService.rollout`` generates and scores on th
 (n samples per held-out prompt, unbiased pass@k) runs on the driver only; its metrics are only
 logged there. ``WeightSync`` is built on every rank (its ``sync`` is collective) with a client only
 on the driver.
-Left out: dynamic sampling / over-sampling, partial and async (one-step-off) rollouts.
+``RolloutProducer`` builds each RL step's batch on the driver: prompts from the ``PromptStream``,
+dynamic sampling (DAPO: drop zero-variance groups, draw more prompts), and the one-step-off
+asynchronous mode (the next step's rollout runs in a driver thread while this step trains).
+Left out: partial rollouts (aborting long generations and resuming them next step).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,13 +53,19 @@ class RolloutService:
     def is_driver(self) -> bool:
         return torch.distributed.get_rank() == 0
 
+    return_routed_experts: bool = False  # R3: engines return routes (the router drops them)
+    routed_experts_layout: tuple[int, int] | None = None  # (MoE layers, top_k) of the routes
+
     def _client(self) -> SGLangClient:
-        return SGLangClient(self.engine_urls, router_url=self.router_url)
+        # sglang-router 0.3.2 drops return_routed_experts: with routes, balance over the engines here
+        router = None if self.return_routed_experts else self.router_url
+        return SGLangClient(self.engine_urls, router_url=router, routed_experts_layout=self.routed_experts_layout)
 
     def _generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams, tag: str):
         async def go():
             async with self._client() as c:
-                return await generate_groups(c, prompts, n, sampling, return_logprob=True, rid_prefix=tag)
+                return await generate_groups(c, prompts, n, sampling, return_logprob=True, rid_prefix=tag,
+                                             return_routed_experts=self.return_routed_experts)
 
         return asyncio.run(go())
 
@@ -92,7 +103,8 @@ class RolloutService:
         texts = [self.tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in flat]
         scored = RewardRunner(self.verifier).score_sync(texts, [lab for lab in labels for _ in range(n)], n)
         samples = [Sample(prompt_ids=r.prompt_ids, output_ids=r.output_ids, rollout_logprobs=r.logprobs,
-                          reward=float(x), finish_reason=r.finish_reason, weight_version=r.weight_version)
+                          reward=float(x), finish_reason=r.finish_reason, weight_version=r.weight_version,
+                          **({"routed_experts": r.routed_experts} if self.return_routed_experts else {}))
                    for r, x in zip(flat, scored.rewards)]
         return samples, {"perf/rollout_time_s": t1 - t0, "perf/reward_time_s": time.perf_counter() - t1}
 
@@ -111,3 +123,143 @@ def rollout_stats(samples: list[Sample], n: int) -> dict[str, float]:
             "rollout/response_len_mean": sum(lens) / len(lens),
             "rollout/response_len_max": float(max(lens)),
             "rollout/truncation_rate": sum(s.finish_reason == "length" for s in samples) / len(samples)}
+
+
+@dataclass(kw_only=True)
+class StepBatch:
+    """One RL step's rollout batch, identical on every rank after ``RolloutProducer.get``.
+
+    samples: N = P * n scored samples, group-major; rows: the P prompt rows (jsonl dicts, for
+    HPT demonstrations); metrics: rollout/* of the production (dynamic sampling) and driver
+    timings; stream_state: the prompt cursor after this batch (and any pending one) was drawn.
+    """
+
+    samples: list[Sample]
+    rows: list[dict]
+    metrics: dict = field(default_factory=dict)
+    stream_state: dict | None = None
+
+
+def group_has_variance(group: list[Sample]) -> bool:
+    """True when the group's (finite) rewards are not all equal: its GRPO advantages are not 0."""
+    r = [s.reward for s in group if s.reward == s.reward]
+    return len(r) >= 2 and max(r) > min(r)
+
+
+class RolloutProducer:
+    """Produce each step's ``StepBatch`` on the driver; see the module docstring.
+
+    Args: svc: the ``RolloutService``; stream: the ``PromptStream`` (only the driver's copy
+        advances; its state is broadcast with every batch); to_prompt: row -> prompt token ids;
+        P / n: prompts per step and samples per prompt; sampling: ``step -> SamplingParams`` base
+        (its seed is offset per dynamic-sampling round); dynamic_sampling / max_rounds: DAPO's
+        filter; async_one_step_off: keep one batch in flight.
+    """
+
+    def __init__(self, svc: RolloutService, stream, to_prompt, *, prompts_per_step: int, n: int,
+                 sampling, dynamic_sampling: bool = False, max_rounds: int = 1,
+                 async_one_step_off: bool = False):
+        self.svc, self.stream, self.to_prompt = svc, stream, to_prompt
+        self.p, self.n, self.sampling = prompts_per_step, n, sampling
+        self.dynamic, self.max_rounds, self.async_ = dynamic_sampling, max_rounds, async_one_step_off
+        self._pending: tuple[int, Future | StepBatch] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1) if (async_one_step_off and svc.is_driver) else None
+
+    # -- driver ----------------------------------------------------------------------------------
+    def _produce(self, step: int) -> StepBatch:
+        """Generate + score (+ filter) the batch of ``step`` (driver only)."""
+        t0 = time.perf_counter()
+        kept: list[tuple[dict, list[Sample]]] = []
+        dropped: list[tuple[dict, list[Sample]]] = []
+        times = {"perf/rollout_time_s": 0.0, "perf/reward_time_s": 0.0}
+        rounds, generated = 0, 0
+        while len(kept) < self.p and rounds < (self.max_rounds if self.dynamic else 1):
+            rows = self.stream.take(self.p - len(kept))  # round 0: P; later rounds: what is missing
+            base = self.sampling(step)
+            sp = dataclasses.replace(base, seed=None if base.seed is None else base.seed + rounds * 1_000_003)
+            samples, t = self._generate_and_score_rows(rows, sp, f"step{step}-r{rounds}")
+            for k in times:
+                times[k] += t[k]
+            for i, row in enumerate(rows):
+                g = samples[i * self.n:(i + 1) * self.n]
+                (kept if (not self.dynamic or group_has_variance(g)) else dropped).append((row, g))
+            rounds, generated = rounds + 1, generated + len(rows)
+        short = self.p - len(kept)
+        groups = kept[: self.p] + dropped[:max(short, 0)]
+        metrics = dict(times)
+        if self.dynamic:
+            metrics.update({"rollout/dynamic_rounds": float(rounds),
+                            "rollout/prompts_generated": float(generated),
+                            "rollout/zero_std_frac": len(dropped) / max(generated, 1),
+                            "rollout/filled_zero_std_groups": float(max(short, 0))})
+        metrics["perf/produce_time_s"] = time.perf_counter() - t0
+        return StepBatch(samples=[s for _, g in groups for s in g], rows=[r for r, _ in groups],
+                         metrics=metrics)
+
+    def _generate_and_score_rows(self, rows, sampling, tag):
+        prompts = [self.to_prompt(r) for r in rows]
+        return self.svc._generate_and_score(prompts, [r["label"] for r in rows], self.n, sampling, tag)
+
+    # -- collective ------------------------------------------------------------------------------
+    def get(self, step: int, *, last_step: int) -> StepBatch:
+        """The batch of ``step`` on every rank (collective). With one-step-off, the batch was
+        started during the previous step (from the policy one version older) and the batch of
+        ``step + 1`` (if <= ``last_step``) is started here, before training."""
+        batch = None
+        if self.svc.is_driver:
+            if self._pending is not None:
+                pstep, pend = self._pending
+                if pstep != step:
+                    raise RuntimeError(f"rollout buffer holds step {pstep}'s batch, step {step} asked")
+                batch = pend.result() if isinstance(pend, Future) else pend
+                self._pending = None
+            else:
+                batch = self._produce(step)
+            if self.async_ and step + 1 <= last_step:
+                self._pending = (step + 1, self._pool.submit(self._produce, step + 1))
+            batch.stream_state = self.stream.state_dict()
+        batch = broadcast_from_driver(batch)
+        self.stream.load_state_dict(batch.stream_state)
+        return batch
+
+    def drain(self) -> None:
+        """Wait until the engines are idle (the in-flight batch, if any, is complete): call before
+        a weight sync or an evaluation. Driver only; a no-op elsewhere."""
+        if self._pending is not None and isinstance(self._pending[1], Future):
+            self._pending = (self._pending[0], self._pending[1].result())
+
+    def state_dict(self) -> dict:
+        """The data cursor and the rollout buffer (the in-flight batch, completed), JSON-able.
+        Collective (the driver's state is broadcast)."""
+        state = None
+        if self.svc.is_driver:
+            self.drain()
+            buf = None
+            if self._pending is not None:
+                pstep, b = self._pending
+                buf = {"step": pstep, "rows": b.rows, "metrics": b.metrics,
+                       "samples": [dataclasses.asdict(s) for s in b.samples]}
+            state = {"stream": self.stream.state_dict(), "buffer": buf}
+        return _jsonable(broadcast_from_driver(state))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])
+        buf = state.get("buffer")
+        if buf is not None and self.svc.is_driver:
+            samples = [Sample(**s) for s in buf["samples"]]
+            self._pending = (buf["step"], StepBatch(samples=samples, rows=buf["rows"], metrics=buf["metrics"]))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _jsonable(obj):
+    """numpy arrays (routes) -> nested lists, so the state fits the checkpoint's JSON."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return obj
