@@ -238,14 +238,15 @@ def attach_old_logprobs(tr: Trainer, mbs: list[dict], cfg: RLConfig) -> dict:
     """Set ``old_logprobs`` [B, S] (and ``is_weights`` with a TIS cap) on every micro-batch and
     apply IcePop / sequence masking to ``loss_mask`` (``losses.mismatch.mismatch_correction``).
 
-    Returns mismatch/{logprob_abs_diff, k3_kl, masked_frac} token-weighted over the DP group.
+    Returns mismatch/{logprob_abs_diff, k3_kl, masked_frac, tis_clip_frac (rho > cap),
+    is_weight_abs_dev (mean |w - 1|, 0 without TIS)} token-weighted over the DP group.
     Demonstration rows (HPT, no engine logprobs) are excluded from the mismatch statistics.
     """
     from megatron.core import parallel_state as ps
 
     icepop = None if cfg.icepop_low is None else (cfg.icepop_low, cfg.icepop_high)
     seq = None if cfg.seq_mask_low is None else (cfg.seq_mask_low, cfg.seq_mask_high)
-    acc = torch.zeros(4, dtype=torch.float64)  # tokens, |dlogp| sum, k3 sum, masked sum
+    acc = torch.zeros(6, dtype=torch.float64)  # tokens, |dlogp|, k3, masked, TIS-capped, |w - 1| sums
     for mb in mbs:
         old = label_frame(compute_logprobs(tr, mb["tokens"], **_layout_kwargs(mb)), mb["rollout_logprobs"])
         mb["old_logprobs"] = old
@@ -255,8 +256,10 @@ def attach_old_logprobs(tr: Trainer, mbs: list[dict], cfg: RLConfig) -> dict:
         weights, keep, mm = mismatch_correction(old, mb["rollout_logprobs"], rl_mask, tis_cap=cfg.tis_cap,
                                                 icepop_bounds=icepop, seq_bounds=seq)
         n = float(rl_mask.sum())
+        w_dev = 0.0 if weights is None else float(((weights.double() - 1).abs() * rl_mask).sum())
         acc += torch.tensor([n, float(mm["mismatch/abs_logp_diff"]) * n, float(mm["mismatch/k3_kl"]) * n,
-                             float(mm["mismatch/masked_frac"]) * n], dtype=torch.float64)
+                             float(mm["mismatch/masked_frac"]) * n, float(mm["mismatch/tis_clip_frac"]) * n,
+                             w_dev], dtype=torch.float64)
         dropped = rl_mask & ~keep
         mb["loss_mask"] = (mb["loss_mask"].bool() & ~dropped).float()
         if weights is not None:
@@ -264,7 +267,8 @@ def attach_old_logprobs(tr: Trainer, mbs: list[dict], cfg: RLConfig) -> dict:
     torch.distributed.all_reduce(acc, group=ps.get_data_parallel_group())
     n = acc[0].clamp(min=1)
     return {"mismatch/logprob_abs_diff": float(acc[1] / n), "mismatch/k3_kl": float(acc[2] / n),
-            "mismatch/masked_frac": float(acc[3] / n)}
+            "mismatch/masked_frac": float(acc[3] / n), "mismatch/tis_clip_frac": float(acc[4] / n),
+            "mismatch/is_weight_abs_dev": float(acc[5] / n)}
 
 
 def global_counts(mini: list[dict]) -> tuple[int, int]:
@@ -329,6 +333,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
     r.add_argument("--eval-interval", type=int, default=0, help="0: only at the end")
     r.add_argument("--eval-n-samples", type=int, default=4)
     r.add_argument("--eval-max-prompts", type=int, default=64)
+    r.add_argument("--stop-after-steps", type=int, default=0,
+                   help="exit after this many steps in this process, without a final checkpoint "
+                        "(simulates a kill; to test resume)")
     args = p.parse_args(argv)
     if args.num_engines < 1:
         p.error(f"--num-engines must be >= 1, got {args.num_engines}")
@@ -458,6 +465,7 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
             producer.load_state_dict(state["rollout"])
         ctx = StepContext(weights=weights, producer=producer, pad_id=pad_id, ref_model=ref_model,
                           demo=demo if cfg.hpt_gamma is not None else None)
+        steps_here = 0
         try:
             if evals and step == 0:  # the "before" row of the eval table
                 log.log(0, svc.evaluate(evals, cfg.eval_n_samples, eval_sampling))
@@ -469,6 +477,9 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
                 if evals and ((cfg.eval_interval and step % cfg.eval_interval == 0) or last):
                     metrics.update(svc.evaluate(evals, cfg.eval_n_samples, eval_sampling))
                 log.log(step, metrics)
+                steps_here += 1
+                if args.stop_after_steps and steps_here >= args.stop_after_steps and not last:
+                    break  # "killed": no checkpoint beyond the last periodic one
                 if (cfg.save_interval and step % cfg.save_interval == 0) or last:
                     ckpt.save_checkpoint(root, step, tr, {"rollout": producer.state_dict()})
         finally:
