@@ -130,3 +130,108 @@ def _frozen_error(tr, lbl) -> str:
         return str(e)
     finally:
         r.requires_grad_(True)
+
+
+# -- LoadBalance modes and layouts (tests/test_balance.py) -----------------------------------------
+BIAS_OVERRIDES = {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
+                  "moe_router_bias_update_rate": 0.0}
+
+
+def _grads_by_layer(tr, microbatches, forward_step) -> dict[int, torch.Tensor]:
+    """Like ``_router_grads`` but keyed by the router's global layer (PP-safe)."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_rl.train.engine import train_step
+
+    routers = [m for m in tr.model.modules() if isinstance(m, TopKRouter)]
+    grads, step = {}, tr.optimizer.step
+
+    def grab_then_step():
+        for m in routers:
+            grads[m.layer_number - 1] = m.weight.main_grad.detach().double().clone()
+        return step()
+
+    tr.optimizer.step = grab_then_step
+    train_step(tr, microbatches, forward_step=forward_step)
+    tr.optimizer.step = step
+    return grads
+
+
+def _biases(tr) -> dict[int, torch.Tensor]:
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    return {m.layer_number - 1: m.expert_bias.detach().double().clone()
+            for m in tr.model.modules() if isinstance(m, TopKRouter) and m.expert_bias is not None}
+
+
+def run_balance(rank: int, world: int, hf_dir: str, specs: list[dict], alpha: float) -> list[dict]:
+    """Each spec: {"layout": {tp, pp, ep, sp}, "mode": off|micro|global, "rate": bias rate,
+    "bias": sigmoid router with expert bias, "capture": full-batch router inputs (tp=pp=ep=1
+    only)}. The 8 rows of ``make_rows`` are split over DP, 4 micro-batches per DP rank."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_rl.checkpoint.hf_loader import load_hf_weights
+    from megatron_rl.models import ModelOptions, load_hf_config, transformer_config_from_hf
+    from megatron_rl.moe import LoadBalance
+    from megatron_rl.parallel import ParallelConfig, destroy_parallel, init_parallel
+    from megatron_rl.train.engine import OptimConfig, build_trainer
+    from megatron_rl.train.sft_data import collate, dp_microbatches
+
+    hf = load_hf_config(hf_dir)
+    rows = make_rows(hf["vocab_size"])
+    out = []
+    for spec in specs:
+        lay = spec.get("layout", {})
+        pc = ParallelConfig(tp=lay.get("tp", 1), pp=lay.get("pp", 1), ep=lay.get("ep", 1),
+                            sequence_parallel=lay.get("sp", False))
+        init_parallel(pc, device="cpu", seed=7)
+        opts = ModelOptions(sequence_parallel=pc.sequence_parallel,
+                            overrides=dict(BIAS_OVERRIDES) if spec.get("bias") else {})
+        cfg = transformer_config_from_hf(hf, opts, tp=pc.tp, pp=pc.pp, ep=pc.ep)
+        tr = build_trainer(hf, cfg, OptimConfig(lr=1e-4, warmup_steps=0, train_steps=10,
+                                                use_distributed_optimizer=False))
+        load_hf_weights(tr.model, hf_dir, hf)
+        tr.optimizer.reload_model_params()
+        res: dict = {}
+        if spec.get("bias"):
+            from megatron.core.transformer.moe.router import TopKRouter
+
+            g = torch.Generator().manual_seed(3)
+            for m in tr.model.modules():
+                if isinstance(m, TopKRouter):
+                    m.expert_bias.copy_(0.05 * torch.randn(m.expert_bias.shape, generator=g))
+            res["bias_before"] = _biases(tr)
+        dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        mbs = dp_microbatches(rows, dpr, dp, len(rows) // (4 * dp))
+        if spec.get("capture"):
+            res["inputs"], res["weights"] = _capture(tr, [collate(rows)])
+        lb = LoadBalance(mode=spec.get("mode", "global"), alpha=alpha,
+                         bias_update_rate=spec.get("rate", 0.0), detach_router_input=True)
+        res["metrics"] = lb.prepare(tr, mbs)
+        res["counts"], res["n_tokens"] = lb.lbl.counts.clone(), lb.lbl.n_tokens
+        with lb.forward_step(tr, zero_lm_step, grad_divisor=lb.lbl.n_tokens) as fwd:
+            res["grads"] = _grads_by_layer(tr, mbs, fwd)
+        res["after"] = lb.after_step(tr)
+        if spec.get("bias"):
+            res["bias_after"] = _biases(tr)
+            res["errors"] = _refusals(tr)
+        out.append(res)
+        destroy_parallel(keep_process_group=True)
+    return out
+
+
+def _refusals(tr) -> list[str]:
+    """Error messages of the settings LoadBalance must refuse on this (expert-bias) model."""
+    from megatron_rl.moe import LoadBalance
+
+    errs = []
+    tr.config.moe_router_bias_update_rate = 1e-3  # Megatron's own update would also run
+    for make in (lambda: LoadBalance(bias_update_rate=1e-3).check(tr),
+                 lambda: LoadBalance(mode="seq"), lambda: LoadBalance(alpha=-1.0)):
+        try:
+            make()
+            errs.append("")
+        except ValueError as e:
+            errs.append(str(e))
+    tr.config.moe_router_bias_update_rate = 0.0
+    return errs

@@ -126,7 +126,10 @@ class GlobalLBL:
             router logits are recomputed from a detached input for the surrogate).
         mask_key: batch key of the [B, S] validity mask (1 = token counts).
     State after ``collect_counts``: ``counts`` [num_layers, E] float64 (rows of dense layers 0),
-    ``moe_layers`` (0-based decoder indices of MoE layers), ``n_tokens`` N, ``topk``.
+    ``moe_layers`` (0-based decoder indices of MoE layers), ``n_tokens`` N, ``topk``; per
+    micro-batch of this rank: ``mb_counts`` [M_local, num_layers, E] float64 (summed over the
+    TP ranks under sequence parallelism, this PP stage's rows only), ``mb_tokens`` [M_local]
+    float64 valid tokens, and ``n_microbatches`` M (all DP ranks).
     """
 
     alpha: float
@@ -136,7 +139,11 @@ class GlobalLBL:
     n_tokens: float = 0.0
     topk: int = 0
     moe_layers: list[int] = field(default_factory=list)
+    mb_counts: torch.Tensor | None = None
+    mb_tokens: torch.Tensor | None = None
+    n_microbatches: int = 0
     _mask: torch.Tensor | None = None
+    _mb: int = -1  # index of the micro-batch being run (set by wrap_forward_step)
     _present: torch.Tensor | None = None  # [num_layers] 1 where a MoE router exists
 
     # -- validity of the tokens a router sees -------------------------------------------------
@@ -147,6 +154,7 @@ class GlobalLBL:
         def step(data_iterator, model):
             batch = next(data_iterator)
             self._mask = batch[self.mask_key]
+            self._mb += 1
             return forward_step(iter([batch]), model)
 
         return step
@@ -176,13 +184,18 @@ class GlobalLBL:
         e, nl = config.num_moe_experts, config.num_layers
         local = torch.zeros(nl, e, dtype=torch.float64)
         present = torch.zeros(nl, dtype=torch.float64)
+        per_mb: list[torch.Tensor] = []
+        self._mb = -1
 
         def hook(router, inputs, output):
             _, routing_map = output  # [T, E] bool
             i = router.layer_number - 1
             present[i] = 1.0
-            local[i] += routed_counts(routing_map.cpu(), self._valid(routing_map.shape[0],
-                                                                     config).cpu())
+            c = routed_counts(routing_map.cpu(), self._valid(routing_map.shape[0], config).cpu())
+            local[i] += c
+            while len(per_mb) <= self._mb:
+                per_mb.append(torch.zeros(nl, e, dtype=torch.float64))
+            per_mb[self._mb][i] += c
 
         handles = [r.register_forward_hook(hook) for r in _routers(trainer.model)]
         try:
@@ -191,16 +204,16 @@ class GlobalLBL:
             for h in handles:
                 h.remove()
         self.counts, self._present, self.topk = local, present, config.moe_router_topk
+        self.mb_counts = (torch.stack(per_mb) if per_mb
+                          else torch.zeros(0, nl, e, dtype=torch.float64))
 
     def collect_counts(self, trainer, microbatches: list[dict]) -> dict:
         """Phase A: no-grad forward over this rank's micro-batches, reduce counts and N.
 
         Returns ``router_metrics.router_load_metrics`` of the global counts. Collective: every
-        rank of the model must call it with its own micro-batches."""
-        from megatron.core import parallel_state as ps
+        rank of the model must call it with its own micro-batches (same order as the training
+        step: the per-micro-batch counts are matched to micro-batches by position)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        from megatron_rl.moe.router_metrics import router_load_metrics
 
         def fwd(data_iterator, model):
             batch = next(data_iterator)
@@ -213,24 +226,61 @@ class GlobalLBL:
                 forward_step_func=self.wrap_forward_step(fwd), data_iterator=iter(microbatches),
                 model=[trainer.model], num_microbatches=len(microbatches), seq_length=s,
                 micro_batch_size=b, forward_only=True, collect_non_loss_data=True)
-        n = torch.tensor([float(sum(mb[self.mask_key].sum() for mb in microbatches))],
+        return self.reduce_counts(trainer, microbatches)
+
+    def set_local_counts(self, trainer, microbatches: list[dict], counts: torch.Tensor) -> dict:
+        """Phase A without the extra forward: the caller already has this rank's routes.
+
+        Args:
+            counts: [num_layers, E] routed valid-token counts of this rank's micro-batches as the
+                router hook of ``counting`` would count them (this rank's SP shard, this PP
+                stage's MoE rows, other rows 0), e.g. from recorded / replayed routes.
+        Returns the metrics of ``collect_counts``. ``mb_counts`` is left empty (no "micro" LBL).
+        Collective."""
+        cfg = trainer.config
+        self.counts = counts.double().clone().cpu()
+        self._present = torch.zeros(cfg.num_layers, dtype=torch.float64)
+        for r in _routers(trainer.model):
+            self._present[r.layer_number - 1] = 1.0
+        self.topk = cfg.moe_router_topk
+        self.mb_counts = None
+        return self.reduce_counts(trainer, microbatches)
+
+    def reduce_counts(self, trainer, microbatches: list[dict]) -> dict:
+        """All-reduce the local ``counts`` to the global ones (DP, TP under SP, PP) and N, M;
+        per-micro-batch counts over TP under SP. Returns the router load metrics. Collective."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_rl.moe.router_metrics import router_load_metrics
+
+        if self.mb_counts is not None and len(self.mb_counts) < len(microbatches):
+            pad = torch.zeros(len(microbatches) - len(self.mb_counts), *self.counts.shape,
+                              dtype=torch.float64)  # a stage without MoE layers saw none
+            self.mb_counts = torch.cat([self.mb_counts, pad])
+        dp = ps.get_data_parallel_group()
+        self.mb_tokens = torch.tensor([float(mb[self.mask_key].sum()) for mb in microbatches],
+                                      dtype=torch.float64)
+        n = torch.tensor([float(self.mb_tokens.sum()), float(len(microbatches))],
                          dtype=torch.float64)
-        torch.distributed.all_reduce(n, group=ps.get_data_parallel_group())
-        torch.distributed.all_reduce(self.counts, group=ps.get_data_parallel_group())
+        torch.distributed.all_reduce(n, group=dp)
+        torch.distributed.all_reduce(self.counts, group=dp)
         if trainer.config.sequence_parallel:  # disjoint sequence shards per TP rank
-            torch.distributed.all_reduce(self.counts, group=ps.get_tensor_model_parallel_group())
+            tp = ps.get_tensor_model_parallel_group()
+            torch.distributed.all_reduce(self.counts, group=tp)
+            if self.mb_counts is not None:
+                torch.distributed.all_reduce(self.mb_counts, group=tp)
         pp = ps.get_pipeline_model_parallel_group()
         torch.distributed.all_reduce(self.counts, group=pp)
         torch.distributed.all_reduce(self._present, group=pp)
-        self.n_tokens = float(n)
+        self.n_tokens, self.n_microbatches = float(n[0]), int(n[1])
         self.moe_layers = [i for i in range(len(self._present)) if self._present[i] > 0]
         return router_load_metrics(self.counts[self.moe_layers], self.n_tokens, self.topk,
                                    layer_ids=self.moe_layers)
 
     # -- phase B ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def attached(self, trainer, forward_step: Callable, *,
-                 grad_divisor: float | None = None) -> Iterator[Callable]:
+    def attached(self, trainer, forward_step: Callable, *, grad_divisor: float | None = None,
+                 weights: torch.Tensor | None = None) -> Iterator[Callable]:
         """Phase B: wrap every router's ``gating`` to inject the LBL gradient; yields the forward
         step to hand to ``train_step`` (``forward_step`` wrapped by ``wrap_forward_step``).
 
@@ -240,6 +290,11 @@ class GlobalLBL:
         function's token count is not the ``mask_key`` sum) and s = ``grad_scale_func(1)`` (the
         fp16 loss scale the optimizer divides by; 1 for fp32/bf16). DDP sums over DP ranks, so
         the final gradient is ``sum_{ranks, micro-batches} d(surrogate) / (D s) * s = dL``.
+
+        ``weights`` replaces the global coefficients: [num_layers, E] for every micro-batch, or
+        [M_local, num_layers, E] one row per micro-batch of this rank in schedule order (the
+        per-micro-batch LBL of ``megatron_rl.moe.balance``); float64, loss per unit of summed
+        probability.
 
         Raises:
             RuntimeError: ``collect_counts`` was not run first.
@@ -259,21 +314,28 @@ class GlobalLBL:
                                  f"({cfg.moe_router_load_balancing_type}); set it to 'none'")
         if routers and not cfg.calculate_per_token_loss:
             raise ValueError("GlobalLBL needs calculate_per_token_loss=True (build_trainer)")
-        w = global_lbl_coefficients(self.counts, self.n_tokens, self.topk, self.alpha)
+        w = (global_lbl_coefficients(self.counts, self.n_tokens, self.topk, self.alpha)
+             if weights is None else weights.double())
         loss_scale = 1.0
         if cfg.grad_scale_func is not None:
             loss_scale = float(cfg.grad_scale_func(torch.ones(1)))
         scale = (grad_divisor if grad_divisor is not None else self.n_tokens) * loss_scale
+        w = w * scale
+        self._mb = -1
         for r in routers:
-            r.gating = self._wrapped_gating(r, r.gating, w[r.layer_number - 1] * scale, cfg)
+            i = r.layer_number - 1
+            row = ((lambda i=i: w[self._mb, i]) if w.dim() == 3 else (lambda i=i: w[i]))
+            r.gating = self._wrapped_gating(r, r.gating, row, cfg)
         try:
             yield self.wrap_forward_step(forward_step)
         finally:
             for r in routers:
                 del r.gating  # back to the class method
 
-    def _wrapped_gating(self, router, gating: Callable, weights: torch.Tensor, cfg) -> Callable:
-        """``gating`` whose logits [S, B, E] carry ``lbl_surrogate`` with ``weights`` [E]."""
+    def _wrapped_gating(self, router, gating: Callable, weights: Callable[[], torch.Tensor],
+                        cfg) -> Callable:
+        """``gating`` whose logits [S, B, E] carry ``lbl_surrogate`` with ``weights()`` [E]
+        (read at each call: the current micro-batch's row)."""
         detach = self.detach_router_input
 
         def wrapped(inp):
@@ -284,7 +346,7 @@ class GlobalLBL:
             e = src.shape[-1]
             probs = torch.softmax(src.reshape(-1, e), dim=-1)  # [T, E] router dtype
             valid = self._valid(probs.shape[0], cfg).to(probs.device)
-            term = lbl_surrogate(probs, valid, weights.to(probs.device))
+            term = lbl_surrogate(probs, valid, weights().to(probs.device))
             return _AttachGrad.apply(logits, term)
 
         return wrapped
