@@ -114,3 +114,41 @@ def entropy_loss(loss_mask: torch.Tensor, *, entropies: torch.Tensor | None = No
                                       global_num_seqs=global_num_seqs,
                                       max_response_len=max_response_len)
     return loss, {"entropy": masked_mean(ent.detach(), mask), "entropy_loss": loss.detach()}
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """all_reduce(SUM) with identity backward: the loss is replicated on every rank of the group,
+    so each rank's local summand receives the gradient of the (shared) total (Megatron's
+    ``reduce_from_tensor_model_parallel_region``)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def vocab_parallel_entropy(logits: torch.Tensor, group=None) -> torch.Tensor:
+    """Entropy (nats) of softmax over a vocabulary sharded on the last dim across ``group``.
+
+    Args: logits [..., V / tp] float (this rank's vocab shard; masked entries may be the dtype's
+        lowest finite value, never -inf); group: the TP process group (None or size 1: local).
+    Returns: [...] float32+ entropy ``log Z - sum_v p_v (x_v - m)`` with ``m`` the global max
+        (detached: the entropy does not depend on the shift), differentiable in ``logits``;
+        identical on every rank of the group. Collective over ``group`` (3 all-reduces).
+    """
+    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    multi = group is not None and torch.distributed.get_world_size(group) > 1
+    m = x.detach().max(dim=-1, keepdim=True).values  # [..., 1]
+    if multi:
+        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
+    z = x - m
+    e = torch.exp(z)
+    sums = torch.stack([e.sum(-1), (e * z).sum(-1)])  # [2, ...]: Z, sum e*z
+    if multi:
+        sums = _SumOverGroup.apply(sums, group)
+    return torch.log(sums[0]) - sums[1] / sums[0]

@@ -9,8 +9,8 @@ It runs the model with ``labels`` so Megatron's ``vocab_parallel_cross_entropy``
 ``get_forward_backward_func(forward_only=True)`` so pipeline stages pass activations as in
 training; the last PP stage broadcasts the result to every rank of its pipeline group.
 
-Left out: micro-batching (one micro-batch of B rows), packed rows with per-document position
-ids (pass an ``attention_mask`` and call per document layout), context parallelism.
+Packed rows: pass ``attention_mask`` and ``position_ids`` of the packed batch.
+Left out: micro-batching (one micro-batch of B rows), context parallelism.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def causal_mask(b: int, s: int) -> torch.Tensor:
 
 
 def compute_logprobs(tr_or_model, tokens: torch.Tensor, *,
-                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     attention_mask: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probabilities of ``tokens[:, 1:]`` given their prefixes, on every rank.
 
     Collective over the model-parallel group (TP / PP / EP): every rank of a DP replica calls it
@@ -34,6 +35,9 @@ def compute_logprobs(tr_or_model, tokens: torch.Tensor, *,
         tr_or_model: a ``Trainer`` (``.model``) or this rank's GPTModel chunk (DDP-wrapped or not).
         tokens: [B, S] int64 token ids, S >= 2, ids < the HF vocab size.
         attention_mask: [B, 1, S, S] bool, True = masked (Megatron convention); default causal.
+        position_ids: [B, S] int64; default ``arange(S)`` per row. For packed rows pass the
+            batch's block-diagonal ``attention_mask`` and restarting ``position_ids`` (see
+            ``rl_batch.pack_microbatches``): the logprobs then equal the unpacked ones.
     Returns:
         [B, S - 1] float32 natural-log probabilities (<= 0), on CPU, identical on every rank of
         the pipeline group: ``out[b, t] = log p(tokens[b, t + 1] | tokens[b, :t + 1])``.
@@ -52,7 +56,8 @@ def compute_logprobs(tr_or_model, tokens: torch.Tensor, *,
     labels[:, :-1] = tokens[:, 1:]  # the last position predicts nothing we keep
     batch = {
         "tokens": tokens.to(device), "labels": labels.to(device),
-        "position_ids": torch.arange(s, device=device).expand(b, s).contiguous(),
+        "position_ids": (torch.arange(s).expand(b, s).contiguous() if position_ids is None
+                         else position_ids).to(device),
         "attention_mask": (causal_mask(b, s) if attention_mask is None else attention_mask).to(device),
     }
 
