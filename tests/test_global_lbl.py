@@ -128,3 +128,29 @@ def test_coefficients_and_metrics_closed_form():
                                                            + 0.25 * math.log(0.25)))
     with pytest.raises(ValueError):
         router_load_metrics(counts, 0, 2)
+
+
+@pytest.mark.parametrize("layout", [{"tp": 2, "sp": True}, {"pp": 2}, {"ep": 2}],
+                         ids=["tp2_sp", "pp2", "ep2"])
+def test_layouts_match_full_batch_reference(runs, tiny_hf_dir, layout):
+    """GlobalLBL (through LoadBalance(mode="global")) on 2 ranks: TP2 + sequence parallel (each
+    TP rank routes half of the sequence), PP2 (each stage owns 2 layers) and EP2 (DP2 over the
+    dense part, 4 uneven micro-batches per rank) gives the single-rank full-batch router
+    gradient. TP2/PP2 run the 8 rows as 4 micro-batches of 2 rows (DP = 1)."""
+    from _lbl_runs import run_balance
+
+    out = run_distributed(run_balance, 2, tiny_hf_dir, [{"layout": layout, "mode": "global"}],
+                          ALPHA)
+    ref = runs["ref"]
+    grads: dict = {}
+    for rank in out:
+        for i, g in rank[0]["grads"].items():
+            grads.setdefault(i, []).append(g)
+        assert rank[0]["n_tokens"] == sum(VALID)
+        for i in ref:  # counts are global on every rank (PP: all layers)
+            assert torch.equal(rank[0]["counts"][i], ref[i][1]), i
+    assert sorted(grads) == sorted(ref)
+    err = max(((g - ref[i][0]).abs().max() / ref[i][0].abs().max()).item()
+              for i, gs in grads.items() for g in gs)
+    print(f"{layout}: rel err {err:.3e}")
+    assert err < TOL
