@@ -21,7 +21,7 @@ KEYS = ["rollout/reward_mean", "rollout/pass@1", "rollout/response_len_mean", "r
         "mismatch/logprob_abs_diff", "mismatch/k3_kl", "mismatch/masked_frac", "train/policy_version_lag",
         "train/ratio_max_abs_dev_first_minibatch", "perf/step_time_s", "perf/rollout_time_s",
         "perf/reward_time_s", "perf/logprob_time_s", "perf/train_time_s", "perf/sync_time_s",
-        "perf/tokens_per_s"]
+        "perf/tokens_per_s", "moe/max_violation", "moe/layer0/load_entropy", "mismatch/tis_clip_frac"]
 
 
 def _argv(hf, d, out, *extra):

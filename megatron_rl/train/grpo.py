@@ -41,13 +41,14 @@ from megatron_rl.train.rl_rollout import RolloutProducer, RolloutService, StepBa
 class StepContext:
     """What ``rl_step`` needs besides the config: the weight sync, the frozen reference model (KL
     on), the driver's rollout producer (drained before the sync), a row -> demonstration builder
-    (HPT on) and the pad id."""
+    (HPT on), the pad id and the MoE load balancer (None for a dense model)."""
 
     weights: object
     producer: RolloutProducer
     pad_id: int
     ref_model: object = None
     demo: Callable[[dict], Sample] | None = None
+    balance: object = None  # moe.balance.LoadBalance: router metrics, LBL, expert-bias update
 
 
 def rl_step(tr: Trainer, cfg: RLConfig, ctx: StepContext, batch: StepBatch, *, step: int) -> dict:
@@ -91,9 +92,16 @@ def rl_step(tr: Trainer, cfg: RLConfig, ctx: StepContext, batch: StepBatch, *, s
     per_mini = []
     for j, mini in enumerate(minis):
         num_tokens, num_seqs = global_counts(mini)
-        stats = LossStats()
-        out = train_step(tr, mini, forward_step=policy_forward_step(settings, num_tokens, num_seqs, stats))
-        red = stats.reduce()
+        stats, moe = LossStats(), {}
+        fstep = policy_forward_step(settings, num_tokens, num_seqs, stats)
+        if ctx.balance is not None and num_tokens > 0:  # exact counts -> router metrics (+ LBL)
+            moe = ctx.balance.prepare(tr, mini)
+            with ctx.balance.forward_step(tr, fstep, grad_divisor=num_tokens) as lb_step:
+                out = train_step(tr, mini, forward_step=lb_step)
+            moe |= ctx.balance.after_step(tr)
+        else:
+            out = train_step(tr, mini, forward_step=fstep)
+        red = stats.reduce() | moe
         if j == 0:
             metrics["train/ratio_max_abs_dev_first_minibatch"] = red.pop("ratio_max_abs_dev")
         red.pop("ratio_max_abs_dev", None)
@@ -426,6 +434,12 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     evals = {name: ([build_prompt_ids(tok, r) for r in rows], [r["label"] for r in rows])
              for name, rows in eval_rows.items()}
     ref_model = load_reference_model(tr, cfg.ref_hf) if cfg.kl_coef > 0 else None
+    balance = None
+    if tr.config.num_moe_experts:
+        from megatron_rl.moe.balance import LoadBalance
+
+        balance = LoadBalance(mode=cfg.lbl_mode, alpha=cfg.lbl_alpha, bias_update_rate=cfg.expert_bias_rate)
+        balance.check(tr)  # refuse e.g. a frozen router with the LBL on, before any rollout
     root = os.path.join(args.out, "checkpoints")
     state = None if args.no_resume else ckpt.load_checkpoint(root, tr)
     step = 0 if state is None else state["step"]
@@ -464,7 +478,7 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
         if state is not None:
             producer.load_state_dict(state["rollout"])
         ctx = StepContext(weights=weights, producer=producer, pad_id=pad_id, ref_model=ref_model,
-                          demo=demo if cfg.hpt_gamma is not None else None)
+                          demo=demo if cfg.hpt_gamma is not None else None, balance=balance)
         steps_here = 0
         try:
             if evals and step == 0:  # the "before" row of the eval table
