@@ -180,3 +180,54 @@ def test_bf16_engine_replay_flip_rate_and_logprob_mismatch(tiny_hf_dir, samples)
     assert on["moe/routing_flip_rate"] == 0.0
     if off["moe/routing_flip_rate"] > 0:
         assert mm_on < mm_off
+
+
+# -- router gradient under replay -----------------------------------------------------------------
+def test_router_grad_under_replay_and_recompute(tiny_hf_dir, samples):
+    smp = samples("bfloat16")
+    (g,) = run_distributed(R.grad_runs, 1, tiny_hf_dir, smp)
+    names = sorted(g["free"])
+    assert len(names) == LAYERS
+    for n in names:
+        # replaying the trainer's own routes (recorded in the same pass) == free routing, exactly:
+        # gate weights are recomputed from the live logits, so the router keeps its gradient
+        assert torch.equal(g["own"][n], g["free"][n]), n
+        assert g["engine_none"][n].abs().max() > 0, n
+        # full activation recompute replays the same indices in backward (REPLAY_BACKWARD)
+        torch.testing.assert_close(g["engine_full"][n], g["engine_none"][n], atol=1e-6, rtol=0)
+    diff = max(float((g["engine_none"][n] - g["free"][n]).abs().max()) for n in names)
+    print(f"\nmax |router grad (replay bf16-engine routes) - router grad (free)| = {diff:.3e}")
+
+
+# -- parallel layouts ------------------------------------------------------------------------------
+LAYOUTS = [({"ep": 2}, 2), ({"pp": 2}, 2), ({"tp": 2, "sp": True}, 2)]
+
+
+def _random_samples():
+    g = torch.Generator().manual_seed(3)
+    lens = [(5, 20), (8, 9), (4, 27)]  # (prompt, output): the last row is 31 of 32 tokens
+    return [{"prompt_ids": torch.randint(1, 200, (p,), generator=g).tolist(),
+             "output_ids": torch.randint(1, 200, (c,), generator=g).tolist()} for p, c in lens]
+
+
+@pytest.fixture(scope="module")
+def single_rank(tiny_hf_dir):
+    smp = _random_samples()
+    routes = R.random_routes(smp, LAYERS, TOPK, EXPERTS)
+    (ref,) = run_distributed(R.layout_runs, 1, tiny_hf_dir, smp, routes, {})
+    return smp, routes, ref
+
+
+@pytest.mark.parametrize("lay,world", LAYOUTS, ids=["ep2", "pp2", "tp2sp"])
+def test_replay_layouts_match_single_rank(tiny_hf_dir, single_rank, lay, world):
+    smp, routes, ref = single_rank
+    valid = torch.zeros(len(smp), R.SEQ, dtype=torch.bool)
+    for i, s in enumerate(smp):
+        valid[i, :len(s["prompt_ids"]) + len(s["output_ids"]) - 1] = True
+    # replay actually changed the routing (random routes vs the model's own)
+    assert (ref["lp_replay"][valid] - ref["lp_free"][valid]).abs().max() > 1e-3
+    for r in run_distributed(R.layout_runs, world, tiny_hf_dir, smp, routes, lay):
+        torch.testing.assert_close(r["lp_replay"], ref["lp_replay"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(r["lp_free"], ref["lp_free"], atol=1e-5, rtol=0)
+        m = _flip(ref["recorded"], r["recorded"], valid)
+        assert m["moe/routing_flip_rate"] == 0.0
