@@ -145,7 +145,9 @@ def pack_microbatches(samples: list[Sample], advantages: torch.Tensor, max_token
     Every micro-batch has ``rows`` rows of S = ``max_tokens`` (the last one is completed with
     empty rows), keys as ``collate`` with, per row, a block-diagonal causal ``attention_mask``
     [B, 1, S, S] (a token attends only to earlier tokens of its own sample) and ``position_ids``
-    restarting at 0 for each sample, so per-token logprobs equal the unpacked ones. The last
+    restarting at 0 for each sample, so per-token logprobs equal the unpacked ones (to float
+    rounding: Megatron's RoPE in the BSHD layout ignores position_ids, but rotary attention
+    depends only on relative offsets, which the block-diagonal mask keeps per sample). The last
     token of a sample (whose label is the next sample's first token) is never in ``loss_mask``.
     Extra keys: ``seq_ids`` [B, S] int64 = index of the sample within this micro-batch (-1 on
     padding), which the loss uses to aggregate per sample (all ``agg`` modes and GSPO work);
