@@ -205,10 +205,14 @@ def run_balance(rank: int, world: int, hf_dir: str, specs: list[dict], alpha: fl
         mbs = dp_microbatches(rows, dpr, dp, len(rows) // (4 * dp))
         if spec.get("capture"):
             res["inputs"], res["weights"] = _capture(tr, [collate(rows)])
-        lb = LoadBalance(mode=spec.get("mode", "global"), alpha=alpha,
+        lb = LoadBalance(mode=spec.get("mode", "global"),
+                         alpha=alpha if spec.get("mode", "global") != "off" else 0.0,
                          bias_update_rate=spec.get("rate", 0.0), detach_router_input=True)
         res["metrics"] = lb.prepare(tr, mbs)
         res["counts"], res["n_tokens"] = lb.lbl.counts.clone(), lb.lbl.n_tokens
+        if spec.get("given_counts"):  # DP ranks hold equal halves of the global counts
+            given = LoadBalance(mode=lb.mode, alpha=lb.alpha)
+            res["given_metrics"] = given.prepare(tr, mbs, local_counts=lb.lbl.counts / dp)
         with lb.forward_step(tr, zero_lm_step, grad_divisor=lb.lbl.n_tokens) as fwd:
             res["grads"] = _grads_by_layer(tr, mbs, fwd)
         res["after"] = lb.after_step(tr)
@@ -227,11 +231,29 @@ def _refusals(tr) -> list[str]:
     errs = []
     tr.config.moe_router_bias_update_rate = 1e-3  # Megatron's own update would also run
     for make in (lambda: LoadBalance(bias_update_rate=1e-3).check(tr),
-                 lambda: LoadBalance(mode="seq"), lambda: LoadBalance(alpha=-1.0)):
+                 lambda: LoadBalance(mode="seq"), lambda: LoadBalance(mode="micro", alpha=-1.0)):
         try:
             make()
             errs.append("")
         except ValueError as e:
             errs.append(str(e))
     tr.config.moe_router_bias_update_rate = 0.0
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    routers = [m for m in tr.model.modules() if isinstance(m, TopKRouter)]
+    routers[0].weight.requires_grad_(False)
+    try:
+        LoadBalance(mode="global", alpha=1e-2).check(tr)
+        errs.append("")
+    except ValueError as e:
+        errs.append(str(e))
+    routers[0].weight.requires_grad_(True)
+    tr.config.moe_aux_loss_coeff = 1e-3
+    for r in routers:
+        r.routing_type = "seq_aux_loss"
+    try:
+        LoadBalance(mode="micro", alpha=1e-2).check(tr)
+        errs.append("")
+    except ValueError as e:
+        errs.append(str(e))
     return errs

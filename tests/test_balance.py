@@ -53,7 +53,7 @@ def reference_bias_counts(x, w, bias, valid):
 
 @pytest.fixture(scope="module")
 def dp2(tiny_hf_dir):
-    specs = [{"mode": "micro", "capture": True}, {"mode": "off"}]
+    specs = [{"mode": "micro", "capture": True}, {"mode": "off", "given_counts": True}]
     return run_distributed(run_balance, 2, tiny_hf_dir, specs, ALPHA)
 
 
@@ -84,6 +84,7 @@ def test_off_metrics_match_reference_topk(dp2):
         assert set(met) == set(expect)
         for k, v in expect.items():
             assert met[k] == pytest.approx(v, rel=1e-12, abs=1e-12), k
+        assert rank[1]["given_metrics"] == met  # prepare(local_counts=...) skips the forward
     print({k: round(v, 4) for k, v in expect.items() if k.startswith("moe/max")})
 
 
@@ -109,6 +110,8 @@ def test_bias_update_matches_formula_and_single_rank(tiny_hf_dir):
     errs = dp2[0][2]["errors"]
     assert "--moe-router-bias-update-rate" in errs[0]
     assert "mode" in errs[1] and "alpha" in errs[2]
+    assert "frozen" in errs[3]
+    assert "seq_aux_loss" in errs[4] and "--moe-aux-loss-coeff" in errs[4]
 
 
 def test_refusals_without_model():
@@ -116,6 +119,8 @@ def test_refusals_without_model():
         LoadBalance(mode="seq_aux_loss")
     with pytest.raises(ValueError, match="alpha"):
         LoadBalance(mode="global", alpha=-0.1)
+    with pytest.raises(ValueError, match="ignored"):
+        LoadBalance(mode="off", alpha=1e-3)
     with pytest.raises(RuntimeError, match="prepare"):
         with LoadBalance().forward_step(None, None, 1.0):
             pass

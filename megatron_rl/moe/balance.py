@@ -105,7 +105,8 @@ class LoadBalance:
         mask_key: batch key of the [B, S] validity mask.
     Use per optimizer step: ``metrics = lb.prepare(tr, mbs)``; ``with lb.forward_step(tr, fwd,
     grad_divisor=D) as f: train_step(tr, mbs, forward_step=f)``; ``metrics |= lb.after_step(tr)``.
-    Raises ValueError at construction: mode not in ``MODES``, alpha < 0, bias_update_rate < 0.
+    Raises ValueError at construction: mode not in ``MODES``, alpha < 0, alpha > 0 with mode
+    "off" (it would be ignored), bias_update_rate < 0.
     """
 
     mode: str = "off"
@@ -120,6 +121,9 @@ class LoadBalance:
             raise ValueError(f"LoadBalance: mode {self.mode!r} not in {MODES}")
         if self.alpha < 0:
             raise ValueError(f"LoadBalance: alpha must be >= 0, got {self.alpha}")
+        if self.mode == "off" and self.alpha > 0:
+            raise ValueError(f"LoadBalance: alpha={self.alpha} > 0 with mode 'off' would be "
+                             "ignored; choose mode 'micro' or 'global', or alpha 0")
         if self.bias_update_rate < 0:
             raise ValueError(f"LoadBalance: bias_update_rate must be >= 0, got "
                              f"{self.bias_update_rate}")
@@ -140,15 +144,16 @@ class LoadBalance:
         """
         cfg = trainer.config
         routers = _routers(trainer.model)
-        meg_aux = any(r.is_aux_loss_enabled() for r in routers)
+        aux_types = sorted({str(r.routing_type) for r in routers if r.is_aux_loss_enabled()})
+        meg_aux = ", ".join(aux_types)
         if meg_aux and self.mode != "off":
             raise ValueError(
                 f"LoadBalance(mode={self.mode!r}): Megatron's own aux loss is enabled "
-                f"(moe_router_load_balancing_type={cfg.moe_router_load_balancing_type!r}, "
+                f"(moe_router_load_balancing_type={meg_aux}, "
                 f"--moe-aux-loss-coeff={cfg.moe_aux_loss_coeff}); set the coefficient to 0 / "
                 "the type to 'none'")
         if meg_aux:
-            warnings.warn(f"Megatron's aux loss {cfg.moe_router_load_balancing_type!r} is on "
+            warnings.warn(f"Megatron's aux loss {meg_aux} is on "
                           f"(--moe-aux-loss-coeff={cfg.moe_aux_loss_coeff}); its per-token-loss "
                           "scaling is not the mean over micro-batches (see megatron_rl.moe."
                           "balance)", stacklevel=3)
