@@ -121,3 +121,30 @@ def test_async_resume_after_kill_matches_uninterrupted_run(tiny_hf_dir, data_dir
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
     # stale samples: the engine's mu is one version behind pi_old from step 2 on
     assert a[2]["mismatch/logprob_abs_diff"] > 1e-4 > a[1]["mismatch/logprob_abs_diff"]
+
+
+def test_grpo_every_option_on_a_bf16_engine(tiny_hf_dir, data_dir, tmp_path):
+    """All loop options at once on 2 steps: KL to a reference (= the starting policy), entropy
+    bonus, dynamic sampling, soft overlong penalty, IcePop, HPT, packed rows, global LBL, R3 with
+    a bf16 engine and TIS. Independent references: KL(pi || pi_ref) is exactly 0 before the first
+    update (the reference is the initial policy) and > 0 after; the bf16 engine's logprobs differ
+    from the fp32 trainer's (the fp32 run above is < 1e-5) so TIS weights move off 1."""
+    out = tmp_path / "run"
+    argv = _argv(tiny_hf_dir, data_dir, out, "--kl-coef", "0.05", "--ref-hf", tiny_hf_dir, "--entropy-coef", "0.01",
+                 "--dynamic-sampling", "--dynamic-sampling-max-rounds", "2", "--overlong-buffer", "4",
+                 "--icepop-low", "0.5", "--icepop-high", "2.0", "--hpt-gamma", "0.0", "--pack-rollouts",
+                 "--lbl-mode", "global", "--lbl-alpha", "0.01", "--routing-replay", "r3",
+                 "--engine-args", "--dtype bfloat16", "--num-engines", "1", "--eval-max-prompts", "1")
+    (res,) = run_distributed(run_grpo, 1, argv)
+    recs = _records(out)
+    for step in (1, 2):
+        r = recs[step]
+        print(f"\nstep {step}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(r.items())
+                                             if k.split("/")[0] in ("train", "mismatch", "moe", "hpt", "rollout")
+                                             and "layer" not in k))
+        assert r["mismatch/logprob_abs_diff"] > 1e-4 and r["mismatch/is_weight_abs_dev"] > 0
+        assert r["train/entropy"] > 0 and r["moe/max_violation"] >= 1.0
+        assert 0 <= r["hpt/sft_prompt_frac"] <= 1 and r["rollout/prompts_generated"] >= 2
+        assert r["rollout/overlong_penalty_mean"] <= 0
+    assert abs(recs[1]["train/kl"]) < 1e-7 < recs[2]["train/kl"]
+    assert res["step"] == 2 and set(res["engine_versions"].values()) == {"2"}

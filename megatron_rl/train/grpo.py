@@ -19,7 +19,7 @@ import copy
 import os
 import shlex
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,11 +28,14 @@ import torch
 from megatron_rl.losses.advantages import grpo_advantages, reinforce_pp_advantages, rloo_advantages
 from megatron_rl.losses.mismatch import mismatch_correction
 from megatron_rl.losses.shaping import overlong_penalty
+from megatron_rl.moe.routing_replay import (RoutingReplay, build_replay_routes, flip_rate_metrics, moe_layer_ids,
+                                            routing_flip_counts)
 from megatron_rl.rollout.client import SamplingParams
 from megatron_rl.rollout.rewards import Verifier, synthetic_verifier
 from megatron_rl.train.engine import Trainer, train_step
 from megatron_rl.train.logprobs import compute_logprobs
-from megatron_rl.train.rl_batch import LossStats, PolicyLossSettings, Sample, microbatches, policy_forward_step
+from megatron_rl.train.rl_batch import (LossStats, PolicyLossSettings, Sample, local_counts, microbatches,
+                                        policy_forward_step)
 from megatron_rl.train.rl_config import ADVANTAGES, KL_KINDS, LBL_MODES, REPLAY_MODES, RLConfig
 from megatron_rl.train.rl_rollout import RolloutProducer, RolloutService, StepBatch, rollout_stats
 
@@ -79,11 +82,20 @@ def rl_step(tr: Trainer, cfg: RLConfig, ctx: StepContext, batch: StepBatch, *, s
     #    reference logprobs when the KL is on
     t0 = time.perf_counter()
     flat = [mb for mini in minis for mb in mini]
-    metrics.update(attach_old_logprobs(tr, flat, cfg))
-    if ctx.ref_model is not None:
-        for mb in flat:
-            mb["ref_logprobs"] = label_frame(compute_logprobs(ctx.ref_model, mb["tokens"], **_layout_kwargs(mb)),
-                                             mb["loss_mask"])
+    engine_routes = any(s.routed_experts is not None for s in train_samples)
+    for mb in flat:
+        routes = mb.pop("_routes")
+        if engine_routes:
+            mb[ENGINE_ROUTES] = build_replay_routes(routes, mb["tokens"].shape[1], *_route_layout(tr.config))
+    metrics.update(attach_old_logprobs(tr, flat, cfg, engine_routes=engine_routes))
+    if ctx.ref_model is not None:  # under R3 the reference routes like the engine (and the policy)
+        with (RoutingReplay(ctx.ref_model, mode="replay", key=ENGINE_ROUTES) if cfg.routing_replay == "r3"
+              else nullcontext()) as rr:
+            for mb in flat:
+                kw = {} if rr is None else {"wrap_step": rr.wrap_forward_step,
+                                            "extra": {ENGINE_ROUTES: mb[ENGINE_ROUTES]}}
+                mb["ref_logprobs"] = label_frame(
+                    compute_logprobs(ctx.ref_model, mb["tokens"], **_layout_kwargs(mb), **kw), mb["loss_mask"])
     metrics["perf/logprob_time_s"] = time.perf_counter() - t0
     # 5. k optimizer steps, each a token-mean over its global mini-batch
     t0 = time.perf_counter()
@@ -94,13 +106,20 @@ def rl_step(tr: Trainer, cfg: RLConfig, ctx: StepContext, batch: StepBatch, *, s
         num_tokens, num_seqs = global_counts(mini)
         stats, moe = LossStats(), {}
         fstep = policy_forward_step(settings, num_tokens, num_seqs, stats)
-        if ctx.balance is not None and num_tokens > 0:  # exact counts -> router metrics (+ LBL)
-            moe = ctx.balance.prepare(tr, mini)
-            with ctx.balance.forward_step(tr, fstep, grad_divisor=num_tokens) as lb_step:
-                out = train_step(tr, mini, forward_step=lb_step)
-            moe |= ctx.balance.after_step(tr)
-        else:
-            out = train_step(tr, mini, forward_step=fstep)
+        key = replay_key(cfg)
+        with (RoutingReplay(tr.model, mode="replay", key=key) if key else nullcontext()) as rr:
+            if rr is not None:
+                fstep = rr.wrap_forward_step(fstep)
+            if ctx.balance is not None and num_tokens > 0:  # exact counts -> router metrics (+ LBL)
+                # phase A from the routes the step uses (replayed), else an extra no-grad forward
+                counts = (counts_from_routes(tr, mini, key)
+                          if key and not (ctx.balance.mode == "micro" and ctx.balance.lbl_on) else None)
+                moe = ctx.balance.prepare(tr, mini, local_counts=counts)
+                with ctx.balance.forward_step(tr, fstep, grad_divisor=num_tokens) as lb_step:
+                    out = train_step(tr, mini, forward_step=lb_step)
+                moe |= ctx.balance.after_step(tr)
+            else:
+                out = train_step(tr, mini, forward_step=fstep)
         red = stats.reduce() | moe
         if j == 0:
             metrics["train/ratio_max_abs_dev_first_minibatch"] = red.pop("ratio_max_abs_dev")
@@ -179,16 +198,26 @@ def shard_minibatches(samples: list[Sample], adv: torch.Tensor, cfg: RLConfig, p
     adv = torch.cat([adv.float(), torch.zeros(pad)])
     per_rank = len(samples) // dp
     m, lo = per_rank // k, dp_rank * per_rank
+    parts = [(samples[lo + j * m: lo + (j + 1) * m], adv[lo + j * m: lo + (j + 1) * m]) for j in range(k)]
     if cfg.pack_rollouts:
-        cap = cfg.pack_max_tokens or max(len(s.prompt_ids) + len(s.output_ids) for s in samples)
         from megatron_rl.train.rl_batch import pack_microbatches
 
-        minis = [pack_microbatches(samples[lo + j * m: lo + (j + 1) * m], adv[lo + j * m: lo + (j + 1) * m],
-                                   cap, pad_id) for j in range(k)]
+        cap = cfg.pack_max_tokens or max(len(s.prompt_ids) + len(s.output_ids) for s in samples)
+        minis = [pack_microbatches(part, a, cap, pad_id) for part, a in parts]
+        for (part, _), mini in zip(parts, minis):
+            for mb in mini:  # which sample sits where (routes are laid out from it)
+                mb["_routes"] = [[] for _ in range(mb["tokens"].shape[0])]
+                for idx, row, off, _n in mb["sample_index"]:
+                    mb["_routes"][row].append((off, part[idx].routed_experts))
         return [_even_microbatch_count(mini, pad_id) for mini in minis]
     seq_len = max(len(s.prompt_ids) + len(s.output_ids) for s in samples)
-    return [microbatches(samples[lo + j * m: lo + (j + 1) * m], adv[lo + j * m: lo + (j + 1) * m],
-                         cfg.micro_batch_size, seq_len, pad_id) for j in range(k)]
+    minis = [microbatches(part, a, cfg.micro_batch_size, seq_len, pad_id) for part, a in parts]
+    r = cfg.micro_batch_size
+    for (part, _), mini in zip(parts, minis):
+        for i, mb in enumerate(mini):
+            mb["_routes"] = [s.routed_experts for s in part[i * r:(i + 1) * r]]
+            mb["_routes"] += [None] * (mb["tokens"].shape[0] - len(mb["_routes"]))
+    return minis
 
 
 def _even_microbatch_count(mini: list[dict], pad_id: int) -> list[dict]:
@@ -205,6 +234,7 @@ def _even_microbatch_count(mini: list[dict], pad_id: int) -> list[dict]:
 def masked_copy(mb: dict) -> dict:
     """A micro-batch with ``mb``'s shapes and no loss token (keeps DP ranks' schedules in step)."""
     out = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in mb.items()}
+    out["_routes"] = [None] * out["tokens"].shape[0]
     for key in ("loss_mask", "advantages", "sft_mask"):
         if key in out and torch.is_tensor(out[key]):
             out[key] = torch.zeros_like(out[key])
@@ -213,16 +243,50 @@ def masked_copy(mb: dict) -> dict:
 
 def _layout_kwargs(mb: dict) -> dict:
     """compute_logprobs keywords for a (possibly packed) micro-batch."""
-    kw = {"attention_mask": mb["attention_mask"]}
-    if "seq_ids" in mb:  # packed: positions restart at every sample
-        kw["position_ids"] = mb["position_ids"]
-    return kw
+    return {"attention_mask": mb["attention_mask"], "position_ids": mb["position_ids"]}
 
 
 def dummy_sample(pad_id: int) -> Sample:
     """A sample with no response: a fully masked row (pads the batch to an even DP split)."""
     return Sample(prompt_ids=[pad_id], output_ids=[], rollout_logprobs=[], reward=0.0,
                   finish_reason="pad", weight_version=None)
+
+
+ENGINE_ROUTES, RECORDED_ROUTES = "engine_routes", "recorded_routes"
+
+
+def replay_key(cfg: RLConfig) -> str | None:
+    """Batch key of the routes the training passes replay (R3: the engine's, R2: the recorded)."""
+    return {"r3": ENGINE_ROUTES, "r2": RECORDED_ROUTES}.get(cfg.routing_replay)
+
+
+def _route_layout(config) -> tuple[int, int]:
+    """(MoE layers L, top-k K) of the engine's route arrays."""
+    return len(moe_layer_ids(config)), config.moe_router_topk
+
+
+def counts_from_routes(tr: Trainer, mbs: list[dict], key: str) -> torch.Tensor:
+    """[num_layers, E] float64 routed counts of this rank's loss tokens under the routes in
+    ``mb[key]`` ([B, S, L, K]), laid out as ``GlobalLBL.set_local_counts`` expects: this PP
+    stage's MoE layers only, this TP rank's sequence shard under sequence parallelism."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_rl.moe.global_lbl import _routers
+
+    cfg = tr.config
+    ids, e = moe_layer_ids(cfg), cfg.num_moe_experts
+    mine = {r.layer_number - 1 for r in _routers(tr.model)}
+    counts = torch.zeros(cfg.num_layers, e, dtype=torch.float64)
+    tp, tpr = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    for mb in mbs:
+        routes, valid = mb[key].long(), mb["loss_mask"] > 0  # [B, S, L, K], [B, S]
+        if cfg.sequence_parallel and tp > 1:
+            s = routes.shape[1] // tp
+            routes, valid = routes[:, tpr * s:(tpr + 1) * s], valid[:, tpr * s:(tpr + 1) * s]
+        for o, layer in enumerate(ids):
+            if layer in mine:
+                counts[layer] += torch.bincount(routes[:, :, o][valid].reshape(-1), minlength=e).double()
+    return counts
 
 
 def label_frame(logp: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -242,22 +306,51 @@ def _extra_loss_settings(cfg: RLConfig) -> dict:
     return {k: v for k, v in extra.items() if k in fields}
 
 
-def attach_old_logprobs(tr: Trainer, mbs: list[dict], cfg: RLConfig) -> dict:
+def attach_old_logprobs(tr: Trainer, mbs: list[dict], cfg: RLConfig, *, engine_routes: bool = False) -> dict:
     """Set ``old_logprobs`` [B, S] (and ``is_weights`` with a TIS cap) on every micro-batch and
     apply IcePop / sequence masking to ``loss_mask`` (``losses.mismatch.mismatch_correction``).
 
     Returns mismatch/{logprob_abs_diff, k3_kl, masked_frac, tis_clip_frac (rho > cap),
     is_weight_abs_dev (mean |w - 1|, 0 without TIS)} token-weighted over the DP group.
     Demonstration rows (HPT, no engine logprobs) are excluded from the mismatch statistics.
+    Routing: R3 replays the engine's routes (``ENGINE_ROUTES``) in this pass; otherwise the
+    trainer's routes are recorded, kept for R2 (``RECORDED_ROUTES``) and, when the engine sent
+    routes, compared with them: ``moe/routing_flip_rate`` (+ per layer) over the loss tokens.
     """
     from megatron.core import parallel_state as ps
 
     icepop = None if cfg.icepop_low is None else (cfg.icepop_low, cfg.icepop_high)
     seq = None if cfg.seq_mask_low is None else (cfg.seq_mask_low, cfg.seq_mask_high)
     acc = torch.zeros(6, dtype=torch.float64)  # tokens, |dlogp|, k3, masked, TIS-capped, |w - 1| sums
+    routing = {}
+    if cfg.routing_replay == "r3":
+        routing = {"mode": "replay", "key": ENGINE_ROUTES}
+    elif cfg.routing_replay == "r2" or engine_routes:
+        routing = {"mode": "record"}
+    with RoutingReplay(tr.model, **routing) if routing else nullcontext() as rr:
+        for mb in mbs:
+            kw = {} if rr is None else {"wrap_step": rr.wrap_forward_step,
+                                        "extra": {ENGINE_ROUTES: mb[ENGINE_ROUTES]} if ENGINE_ROUTES in mb else {}}
+            mb["old_logprobs"] = label_frame(compute_logprobs(tr, mb["tokens"], **_layout_kwargs(mb), **kw),
+                                             mb["rollout_logprobs"])
+        recorded = rr.recorded_routes() if routing.get("mode") == "record" else None
+    out = {}
+    if recorded is not None:
+        flips, n_valid = torch.zeros(0, dtype=torch.float64), 0.0
+        for mb, rec in zip(mbs, recorded):
+            mb[RECORDED_ROUTES] = rec
+            if engine_routes:
+                valid = (mb["loss_mask"] > 0).reshape(-1)
+                f, n_v = routing_flip_counts(mb[ENGINE_ROUTES].reshape(-1, *rec.shape[2:]),
+                                             rec.reshape(-1, *rec.shape[2:]), valid)
+                flips, n_valid = (f if not flips.numel() else flips + f), n_valid + n_v
+        if engine_routes:
+            from megatron.core import parallel_state as ps
+
+            out = flip_rate_metrics(flips, n_valid, layer_ids=moe_layer_ids(tr.config),
+                                    group=ps.get_data_parallel_group())
     for mb in mbs:
-        old = label_frame(compute_logprobs(tr, mb["tokens"], **_layout_kwargs(mb)), mb["rollout_logprobs"])
-        mb["old_logprobs"] = old
+        old = mb["old_logprobs"]
         rl_mask = mb["loss_mask"].bool()
         if "sft_mask" in mb:
             rl_mask = rl_mask & ~mb["sft_mask"].bool()
@@ -274,19 +367,19 @@ def attach_old_logprobs(tr: Trainer, mbs: list[dict], cfg: RLConfig) -> dict:
             mb["is_weights"] = torch.where(rl_mask, weights, torch.ones_like(weights))
     torch.distributed.all_reduce(acc, group=ps.get_data_parallel_group())
     n = acc[0].clamp(min=1)
-    return {"mismatch/logprob_abs_diff": float(acc[1] / n), "mismatch/k3_kl": float(acc[2] / n),
+    return out | {"mismatch/logprob_abs_diff": float(acc[1] / n), "mismatch/k3_kl": float(acc[2] / n),
             "mismatch/masked_frac": float(acc[3] / n), "mismatch/tis_clip_frac": float(acc[4] / n),
             "mismatch/is_weight_abs_dev": float(acc[5] / n)}
 
 
 def global_counts(mini: list[dict]) -> tuple[int, int]:
-    """(valid tokens, rows with >= 1 valid token) of a mini-batch, summed over the DP group."""
+    """(loss tokens, samples with >= 1 loss token) of a mini-batch (padded or packed rows), summed
+    over the DP group: the global normalisers of ``policy_loss``."""
     from megatron.core import parallel_state as ps
 
     c = torch.zeros(2, dtype=torch.float64)
     for mb in mini:
-        c += torch.tensor([float(mb["loss_mask"].sum()), float((mb["loss_mask"].sum(-1) > 0).sum())],
-                          dtype=torch.float64)
+        c += torch.tensor([float(x) for x in local_counts(mb)], dtype=torch.float64)
     torch.distributed.all_reduce(c, group=ps.get_data_parallel_group())
     return int(c[0]), int(c[1])
 
@@ -338,6 +431,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
     r.add_argument("--lbl-alpha", type=float, default=0.0)
     r.add_argument("--expert-bias-rate", type=float, default=0.0)
     r.add_argument("--routing-replay", default="off", choices=REPLAY_MODES)
+    r.add_argument("--routing-flip-rate", action="store_true",
+                   help="ask the engines for their routes and log the top-k flip rate vs the trainer")
     r.add_argument("--eval-interval", type=int, default=0, help="0: only at the end")
     r.add_argument("--eval-n-samples", type=int, default=4)
     r.add_argument("--eval-max-prompts", type=int, default=64)
@@ -394,7 +489,10 @@ def load_reference_model(tr: Trainer, ref_hf: str):
     if hf_config.get("model_type") != tr.hf_config.get("model_type"):
         raise ValueError(f"--ref-hf {ref_hf}: model_type {hf_config.get('model_type')!r} differs from the "
                          f"policy's {tr.hf_config.get('model_type')!r}")
-    model = build_model(hf_config, copy.copy(tr.config), pre_process=ps.is_pipeline_first_stage(),
+    config = copy.copy(tr.config)
+    for hook in ("finalize_model_grads_func", "grad_scale_func", "no_sync_func"):  # the trainer's, not ours
+        setattr(config, hook, None)
+    model = build_model(hf_config, config, pre_process=ps.is_pipeline_first_stage(),
                         post_process=ps.is_pipeline_last_stage())
     load_hf_weights(model, ref_hf, hf_config)
     model.eval()
@@ -428,7 +526,11 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     for spec in args.eval_data:
         name, path = spec.split("=", 1)
         eval_rows[name] = load_jsonl(path)[: cfg.eval_max_prompts]
-    tr, tok, _ = setup(args)
+    wants_routes = cfg.routing_replay == "r3" or cfg.routing_flip_rate
+    hook = None
+    if cfg.routing_replay != "off" or cfg.routing_flip_rate:
+        from megatron_rl.moe.routing_replay import enable_routing_replay as hook
+    tr, tok, _ = setup(args, tconfig_hook=hook)
     rank0 = torch.distributed.get_rank() == 0
     stream = PromptStream(train_rows, cfg.seed)
     evals = {name: ([build_prompt_ids(tok, r) for r in rows], [r["label"] for r in rows])
@@ -459,7 +561,9 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     with _engines(args) as launcher:
         svc = RolloutService(engine_urls=launcher.engine_urls if launcher else None,
                              router_url=launcher.router_url if launcher else None, tokenizer=tok,
-                             verifier=verifier, stop_token_ids=() if eot is None else (eot,))
+                             verifier=verifier, stop_token_ids=() if eot is None else (eot,),
+                             return_routed_experts=wants_routes,
+                             routed_experts_layout=_route_layout(tr.config) if wants_routes else None)
         weights = WeightSync(SGLangClient(launcher.engine_urls) if launcher else None)
         weights.sync(tr.model, tr.hf_config, version=step)  # engines start from the (resumed) policy
         eval_sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,

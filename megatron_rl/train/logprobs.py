@@ -25,7 +25,8 @@ def causal_mask(b: int, s: int) -> torch.Tensor:
 
 def compute_logprobs(tr_or_model, tokens: torch.Tensor, *,
                      attention_mask: torch.Tensor | None = None,
-                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                     position_ids: torch.Tensor | None = None, extra: dict | None = None,
+                     wrap_step=None) -> torch.Tensor:
     """Log-probabilities of ``tokens[:, 1:]`` given their prefixes, on every rank.
 
     Collective over the model-parallel group (TP / PP / EP): every rank of a DP replica calls it
@@ -38,6 +39,9 @@ def compute_logprobs(tr_or_model, tokens: torch.Tensor, *,
         position_ids: [B, S] int64; default ``arange(S)`` per row. For packed rows pass the
             batch's block-diagonal ``attention_mask`` and restarting ``position_ids`` (see
             ``rl_batch.pack_microbatches``): the logprobs then equal the unpacked ones.
+        extra: more batch keys handed to the forward step (e.g. ``"replay_routes"``).
+        wrap_step: ``forward_step -> forward_step`` applied to the pass's Megatron forward step
+            (e.g. ``moe.routing_replay.RoutingReplay.wrap_forward_step`` for R3 / R2 / RECORD).
     Returns:
         [B, S - 1] float32 natural-log probabilities (<= 0), on CPU, identical on every rank of
         the pipeline group: ``out[b, t] = log p(tokens[b, t + 1] | tokens[b, :t + 1])``.
@@ -59,6 +63,7 @@ def compute_logprobs(tr_or_model, tokens: torch.Tensor, *,
         "position_ids": (torch.arange(s).expand(b, s).contiguous() if position_ids is None
                          else position_ids).to(device),
         "attention_mask": (causal_mask(b, s) if attention_mask is None else attention_mask).to(device),
+        **(extra or {}),
     }
 
     def step(data_iterator, m):
@@ -75,7 +80,8 @@ def compute_logprobs(tr_or_model, tokens: torch.Tensor, *,
     try:
         with torch.no_grad():
             out = get_forward_backward_func()(
-                forward_step_func=step, data_iterator=iter([batch]), model=[model],
+                forward_step_func=step if wrap_step is None else wrap_step(step),
+                data_iterator=iter([batch]), model=[model],
                 num_microbatches=1, seq_length=s, micro_batch_size=b,
                 forward_only=True, collect_non_loss_data=True,
             )

@@ -41,6 +41,7 @@ class Sample:
     weight_version: str | None
     is_demo: bool = False  # HPT: a demonstration (SFT loss on output_ids), not a rollout
     group: int = -1  # prompt index of the sample within its rollout batch (-1: unknown)
+    routed_experts: object = None  # engine routes int [len(prompt + output) - 1, L, K] (R3), or None
 
 
 class PromptStream:

@@ -59,6 +59,9 @@ class RLConfig:
     routing_replay: "r3" replays the engine's routes (arXiv 2510.11370) in the old-logprob and
     training passes; "r2" replays the routes the trainer recorded in the old-logprob pass during
     the mini-batch updates; "off" routes live.
+    routing_flip_rate: request the engines' routes every step and log the top-k flip rate between
+    them and the trainer's (recorded in the old-logprob pass; with R3 on the replayed routes are
+    the engine's by construction, so the metric is only computed without R3).
     """
 
     rollout_batch_size: int = 8
@@ -99,6 +102,7 @@ class RLConfig:
     lbl_alpha: float = 0.0
     expert_bias_rate: float = 0.0
     routing_replay: str = "off"
+    routing_flip_rate: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:

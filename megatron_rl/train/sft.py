@@ -82,8 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def setup(args) -> tuple[Trainer, object, dict]:
-    """Parallel init, model + optimizer, HF weights. Returns (trainer, tokenizer, hf_config)."""
+def setup(args, *, tconfig_hook=None) -> tuple[Trainer, object, dict]:
+    """Parallel init, model + optimizer, HF weights. Returns (trainer, tokenizer, hf_config).
+
+    ``tconfig_hook(TransformerConfig) -> TransformerConfig`` edits the config before the model is
+    built (e.g. ``moe.routing_replay.enable_routing_replay``)."""
     from transformers import AutoTokenizer
 
     from megatron_rl.checkpoint.hf_loader import load_hf_weights
@@ -103,6 +106,8 @@ def setup(args) -> tuple[Trainer, object, dict]:
     )
     tconfig = transformer_config_from_hf(hf_config, opts, tp=args.tp, pp=args.pp, ep=args.ep,
                                          etp=args.etp, cp=args.cp)
+    if tconfig_hook is not None:
+        tconfig = tconfig_hook(tconfig)
     optim = OptimConfig(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.lr_warmup_steps,
                         train_steps=args.train_steps, decay_style=args.lr_decay_style,
                         weight_decay=args.weight_decay, clip_grad=args.clip_grad,
