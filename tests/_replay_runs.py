@@ -200,20 +200,23 @@ def grad_runs(rank: int, world: int, hf_dir: str, samples: list[dict]) -> dict:
 
 
 def layout_runs(rank: int, world: int, hf_dir: str, samples: list[dict], routes: list,
-                lay: dict) -> dict:
-    """Replay ``routes`` (and record free routes) of ``samples`` in layout ``lay``."""
+                layouts: list[dict]) -> list[dict]:
+    """Per layout: replay ``routes`` of ``samples`` (logprobs), and record free routes."""
     from megatron_rl.moe.routing_replay import RoutingReplay, build_replay_routes
     from megatron_rl.parallel import destroy_parallel
 
-    tr = _trainer(hf_dir, lay)
-    cfg = tr.config
-    batch = make_batch(samples)
-    batch["replay_routes"] = build_replay_routes(routes, batch["tokens"].shape[1],
-                                                 cfg.num_layers, cfg.moe_router_topk)
-    with RoutingReplay(tr.model, mode="replay") as rr:
-        lp_replay = logprobs(tr, batch, rr)
-    with RoutingReplay(tr.model, mode="record") as rec:
-        lp_free = logprobs(tr, batch, rec)
-        recorded = rec.recorded_routes()[0]
-    destroy_parallel()
-    return {"lp_replay": lp_replay, "lp_free": lp_free, "recorded": recorded}
+    out = []
+    for lay in layouts:
+        tr = _trainer(hf_dir, lay)
+        cfg = tr.config
+        batch = make_batch(samples)
+        batch["replay_routes"] = build_replay_routes(routes, batch["tokens"].shape[1],
+                                                     cfg.num_layers, cfg.moe_router_topk)
+        with RoutingReplay(tr.model, mode="replay") as rr:
+            lp_replay = logprobs(tr, batch, rr)
+        with RoutingReplay(tr.model, mode="record") as rec:
+            lp_free = logprobs(tr, batch, rec)
+            recorded = rec.recorded_routes()[0]
+        destroy_parallel()
+        out.append({"lp_replay": lp_replay, "lp_free": lp_free, "recorded": recorded})
+    return out

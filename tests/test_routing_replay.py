@@ -23,7 +23,8 @@ from megatron_rl.testing import run_distributed
 
 import _replay_runs as R
 
-PROMPTS = [[5, 6, 7, 8], [11, 3, 42, 9, 17, 2], [100, 7, 250, 31, 8, 66, 90]]
+PROMPTS = [[5, 6, 7, 8], [11, 3, 42, 9, 17, 2], [100, 7, 250, 31, 8, 66, 90], [64, 12, 9],
+           [300, 21, 5, 77, 140]]
 LAYERS, TOPK, EXPERTS = 4, 2, 8
 
 
@@ -200,7 +201,7 @@ def test_router_grad_under_replay_and_recompute(tiny_hf_dir, samples):
 
 
 # -- parallel layouts ------------------------------------------------------------------------------
-LAYOUTS = [({"ep": 2}, 2), ({"pp": 2}, 2), ({"tp": 2, "sp": True}, 2)]
+LAYOUTS = [{"ep": 2}, {"pp": 2}, {"tp": 2, "sp": True}]  # one 2-rank launch runs all three
 
 
 def _random_samples():
@@ -210,24 +211,21 @@ def _random_samples():
              "output_ids": torch.randint(1, 200, (c,), generator=g).tolist()} for p, c in lens]
 
 
-@pytest.fixture(scope="module")
-def single_rank(tiny_hf_dir):
+def test_replay_layouts_match_single_rank(tiny_hf_dir):
+    """EP2 (alltoall), PP2 (forward-only schedule + recorded_routes' PP gather) and TP2 + sequence
+    parallel (per-rank sequence shard of the indices + TP gather) vs a separate single-rank run."""
     smp = _random_samples()
     routes = R.random_routes(smp, LAYERS, TOPK, EXPERTS)
-    (ref,) = run_distributed(R.layout_runs, 1, tiny_hf_dir, smp, routes, {})
-    return smp, routes, ref
-
-
-@pytest.mark.parametrize("lay,world", LAYOUTS, ids=["ep2", "pp2", "tp2sp"])
-def test_replay_layouts_match_single_rank(tiny_hf_dir, single_rank, lay, world):
-    smp, routes, ref = single_rank
+    ((ref,),) = run_distributed(R.layout_runs, 1, tiny_hf_dir, smp, routes, [{}])
     valid = torch.zeros(len(smp), R.SEQ, dtype=torch.bool)
     for i, s in enumerate(smp):
         valid[i, :len(s["prompt_ids"]) + len(s["output_ids"]) - 1] = True
     # replay actually changed the routing (random routes vs the model's own)
     assert (ref["lp_replay"][valid] - ref["lp_free"][valid]).abs().max() > 1e-3
-    for r in run_distributed(R.layout_runs, world, tiny_hf_dir, smp, routes, lay):
-        torch.testing.assert_close(r["lp_replay"], ref["lp_replay"], atol=1e-5, rtol=0)
-        torch.testing.assert_close(r["lp_free"], ref["lp_free"], atol=1e-5, rtol=0)
-        m = _flip(ref["recorded"], r["recorded"], valid)
-        assert m["moe/routing_flip_rate"] == 0.0
+    for rank_res in run_distributed(R.layout_runs, 2, tiny_hf_dir, smp, routes, LAYOUTS):
+        for lay, r in zip(LAYOUTS, rank_res):
+            torch.testing.assert_close(r["lp_replay"], ref["lp_replay"], atol=1e-5, rtol=0,
+                                       msg=lambda m: f"{lay}: {m}")
+            torch.testing.assert_close(r["lp_free"], ref["lp_free"], atol=1e-5, rtol=0,
+                                       msg=lambda m: f"{lay}: {m}")
+            assert _flip(ref["recorded"], r["recorded"], valid)["moe/routing_flip_rate"] == 0.0, lay

@@ -5,11 +5,16 @@
         --n-samples-per-prompt 4 --max-new-tokens 64 --num-steps 100 --mini-batches-per-rollout 1
 
 One process per trainer rank (``torchrun`` / ``srun``). Rank 0 starts the engines + router and is
-the only rank that talks HTTP; rollouts and rewards are broadcast to every rank. ``rl_step`` is
-the whole algorithm, top-down: prompts -> engines -> rewards -> advantages -> old logprobs (+
-mismatch metrics, TIS) -> k mini-batch updates -> versioned weight sync -> metrics.
-Left out (absent, not half-wired): KL to a reference model, dynamic sampling, async one-step-off
-rollouts, HPT, sequence packing of rollouts, routing replay, colocated memory release.
+the only rank that talks HTTP; rollouts and rewards are broadcast to every rank. The loop, top-down:
+``RolloutProducer.get`` (prompts -> engines, n samples each -> rewards; dynamic sampling; one-step-off
+async) -> ``rl_step``: reward shaping -> advantages -> which samples train (overlong filter, HPT
+demonstrations) -> DP shard, padded or packed micro-batches -> old logprobs (routing replay R3/R2 or
+recorded routes + flip rate; mismatch metrics, TIS / IcePop / sequence mask) -> reference logprobs
+(KL on) -> k mini-batch updates (load balancing per mini-batch) -> versioned weight sync -> metrics;
+then periodic eval and checkpoint (model, optimizer, scheduler, RNG, data cursor, rollout buffer).
+Left out: colocated engines releasing memory during training (the launcher has the calls; the
+loop runs engines and trainer disaggregated), partial rollouts, multi-step-off asynchrony, a
+critic (GAE exists as a loss function only), virtual pipeline stages.
 """
 
 from __future__ import annotations
