@@ -27,6 +27,11 @@ PP schedule or TP+SP sharding:
      divides by D, the global loss-token count (``calculate_per_token_loss``); the optimizer
      divides by the loss scale s. The net gradient is exactly dL/dtheta.
 
+Phase A also keeps each micro-batch's counts (``mb_counts``) for the per-micro-batch LBL of
+``megatron_rl.moe.balance``, and ``set_local_counts`` takes counts the caller already has.
+Tested against a float64 full-batch reference at DP2 x 4 uneven micro-batches, TP2 + sequence
+parallel, PP2 and EP2 (tests/test_global_lbl.py).
+
 Left out: context parallelism, MTP routers, activation recompute of the MoE layer (the recompute
 would read the mask of the wrong micro-batch), sinkhorn/quantile routing. Megatron's own aux
 losses must be off (the constructor of the hooks refuses otherwise).
