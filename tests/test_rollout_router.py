@@ -160,3 +160,43 @@ def test_kill_engine_mid_rollout_through_router(stack):
     rids = [r.rid for g in groups for r in g]
     assert len(set(rids)) == len(rids) == len(prompts) * n
     assert all(len(r.logprobs) == len(r.output_ids) for g in groups for r in g)
+
+
+def test_engines_die_with_a_killed_launcher(tiny_hf_dir, tmp_path):
+    """SIGKILL the process that launched engine + router (no cleanup runs): both exit too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    prog = (f"from megatron_rl.rollout.launcher import EngineLauncher, LaunchConfig\n"
+            f"l = EngineLauncher(LaunchConfig(model_path={str(tiny_hf_dir)!r}, num_engines=1, router=True,"
+            f" health_timeout_s=120, log_dir={str(tmp_path)!r})).start()\n"
+            f"print(' '.join(str(p.popen.pid) for p in [*l.engines, l.router]), flush=True)\n"
+            f"import time; time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", prog], stdout=subprocess.PIPE, text=True)
+    pids = [int(x) for x in parent.stdout.readline().split()]
+    assert len(pids) == 2
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]
+        time.sleep(0.2)
+    assert not alive, f"orphaned processes {alive}"
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) counts as dead
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

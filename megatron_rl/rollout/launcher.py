@@ -162,7 +162,7 @@ class EngineLauncher:
         log_path = self.log_dir / f"{name}.log"
         f = open(log_path, "wb")
         popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                 env={**os.environ, **env})
+                                 env={**os.environ, **env}, preexec_fn=_die_with_parent)
         return _Proc(name, f"http://{self.cfg.host}:{port}", popen, log_path, f)
 
     def _wait_healthy(self, p: _Proc) -> None:
@@ -240,6 +240,19 @@ class EngineLauncher:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGKILL it when the launching process dies, so a trainer
+    killed without cleanup (SIGKILL, an unhandled SIGTERM) leaves no orphaned engine or router.
+    A no-op where prctl is unavailable."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _signal_group(popen: subprocess.Popen, sig: int) -> None:
