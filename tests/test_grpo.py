@@ -148,3 +148,22 @@ def test_grpo_every_option_on_a_bf16_engine(tiny_hf_dir, data_dir, tmp_path):
         assert r["rollout/overlong_penalty_mean"] <= 0
     assert abs(recs[1]["train/kl"]) < 1e-7 < recs[2]["train/kl"]
     assert res["step"] == 2 and set(res["engine_versions"].values()) == {"2"}
+
+
+def test_routing_flip_rate_is_zero_against_an_fp32_engine_with_r2(tiny_hf_dir, data_dir, tmp_path):
+    """The engine (HF transformers, fp32) and Megatron (fp32) route every loss token to the same
+    top-k set: flip rate 0 on every layer, both steps; R2 replays the recorded routes over k = 2
+    mini-batches."""
+    out = tmp_path / "run"
+    argv = _argv(tiny_hf_dir, data_dir, out, "--routing-flip-rate", "--routing-replay", "r2",
+                 "--num-engines", "1", "--eval-max-prompts", "1")
+    argv[argv.index("--mini-batches-per-rollout") + 1] = "2"
+    run_distributed(run_grpo, 1, argv)
+    recs = _records(out)
+    for step in (1, 2):
+        r = recs[step]
+        flips = {k: v for k, v in r.items() if k.endswith("routing_flip_rate")}
+        print(f"\nstep {step}: {flips} lag={r['train/policy_version_lag']}")
+        n_layers = json.load(open(f"{tiny_hf_dir}/config.json"))["num_hidden_layers"]  # all MoE
+        assert len(flips) == n_layers + 1 and set(flips.values()) == {0.0}  # per layer + the mean
+        assert r["train/policy_version_lag"] == 0.5 and r["mismatch/logprob_abs_diff"] < 1e-5
