@@ -129,7 +129,7 @@ def engine_compare(rank: int, world: int, hf_dir: str, samples: list[dict]) -> d
         err = None
     except RuntimeError as e:
         err = str(e)
-    destroy_parallel()
+    destroy_parallel(keep_process_group=True)
     tr = _trainer(hf_dir, {})
     batch = make_batch(samples)
     b, s = batch["tokens"].shape
@@ -143,7 +143,7 @@ def engine_compare(rank: int, world: int, hf_dir: str, samples: list[dict]) -> d
     with RoutingReplay(tr.model, mode="replay") as rr:
         lp_rep, rep_used = used_routes(tr, lambda: logprobs(tr, batch, rr))
     lp_plain = logprobs(tr, batch)  # after exit: free routing again
-    destroy_parallel()
+    destroy_parallel(keep_process_group=True)
     return {"err": err, "recorded": recorded, "free_used": to_rows(free_used, b, s),
             "replay_used": to_rows(rep_used, b, s), "lp_free": lp_free, "lp_replay": lp_rep,
             "lp_plain": lp_plain, "loss_mask": batch["loss_mask"]}
@@ -195,7 +195,7 @@ def grad_runs(rank: int, world: int, hf_dir: str, samples: list[dict]) -> dict:
                 out["own"] = router_grads(tr, dict(batch, replay_routes=own), rr)
         with RoutingReplay(tr.model, mode="replay") as rr:
             out[f"engine_{recompute}"] = router_grads(tr, batch, rr)
-        destroy_parallel()
+        destroy_parallel(keep_process_group=True)
     return out
 
 
@@ -217,6 +217,6 @@ def layout_runs(rank: int, world: int, hf_dir: str, samples: list[dict], routes:
         with RoutingReplay(tr.model, mode="record") as rec:
             lp_free = logprobs(tr, batch, rec)
             recorded = rec.recorded_routes()[0]
-        destroy_parallel()
+        destroy_parallel(keep_process_group=True)
         out.append({"lp_replay": lp_replay, "lp_free": lp_free, "recorded": recorded})
     return out

@@ -82,6 +82,10 @@ def test_flip_rate_reference():
     flips, nv = routing_flip_counts(a, b, valid)
     assert flip_rate_metrics(flips * 2, nv * 2) == routing_flip_rate(a, b, valid)  # summed halves
     assert routing_flip_rate(a, a, valid)["moe/routing_flip_rate"] == 0.0
+    assert routing_flip_rate(a.view(5, 10, nl, k), b.view(5, 10, nl, k), valid.view(5, 10)) \
+        == routing_flip_rate(a, b, valid)  # [B, S, L, K] batches
+    with pytest.raises(ValueError):
+        routing_flip_rate(a, b, valid[:-1])
 
 
 # -- engine vs trainer --------------------------------------------------------------------------

@@ -341,17 +341,21 @@ def routing_flip_counts(engine_routes, trainer_routes, valid) -> tuple[torch.Ten
     """Per layer, the number of valid tokens whose top-k expert *set* differs.
 
     Args:
-        engine_routes / trainer_routes: int [T, L, K] (any order within K; numpy or torch).
-        valid: [T] bool (or 0/1), the tokens that count (e.g. loss-masked response positions).
+        engine_routes / trainer_routes: int [T, L, K] (any order within K; numpy or torch), or
+            any leading dims, e.g. two ``build_replay_routes`` / ``recorded_routes`` tensors
+            [B, S, L, K].
+        valid: bool (or 0/1) of the leading dims ([T] or [B, S]), the tokens that count (e.g.
+            positions with an engine route, or the loss mask).
     Returns:
         ``(flips [L] float64, n_valid float)``.
     Raises:
-        ValueError: shapes differ or valid is not [T].
+        ValueError: shapes differ or valid does not match the leading dims.
     """
     a, b = torch.as_tensor(engine_routes), torch.as_tensor(trainer_routes)
     v = torch.as_tensor(valid).bool()
-    if a.shape != b.shape or a.dim() != 3 or v.shape != a.shape[:1]:
+    if a.shape != b.shape or a.dim() < 3 or v.shape != a.shape[:-2]:
         raise ValueError(f"routes {tuple(a.shape)} vs {tuple(b.shape)}, valid {tuple(v.shape)}")
+    a, b, v = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), v.reshape(-1)
     differ = (a.long().sort(-1).values != b.long().sort(-1).values).any(-1)  # [T, L]
     return (differ & v[:, None]).sum(0).double(), float(v.sum())
 
