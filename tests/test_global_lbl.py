@@ -126,6 +126,9 @@ def test_coefficients_and_metrics_closed_form():
     assert m["moe/layer5/load_entropy"] == pytest.approx(math.log(4))
     assert m["moe/layer3/load_entropy"] == pytest.approx(-(0.75 * math.log(0.75)
                                                            + 0.25 * math.log(0.25)))
+    assert m["moe/layer3/dropped_frac"] == 0.0 and m["moe/dropped_frac"] == 0.0  # 8 = K N routes each
+    dropped = router_load_metrics(torch.tensor([[3.0, 2.0, 1.0, 0.0]]), 4, 2)  # 6 of 8 routes kept
+    assert dropped["moe/layer0/dropped_frac"] == 0.25
     with pytest.raises(ValueError):
         router_load_metrics(counts, 0, 2)
 

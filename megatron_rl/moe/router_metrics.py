@@ -1,7 +1,7 @@
 """Router load metrics from global routed-token counts (e.g. ``GlobalLBL.collect_counts``).
 
 Legend: L = MoE layers, E = experts, K = top-k, N = valid tokens. With f_i = C_i / (K N) the
-balanced load is E f_i = 1 for every expert. Left out: per-expert histograms, drop rates.
+balanced load is E f_i = 1 for every expert. Left out: per-expert histograms.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ def router_load_metrics(counts: torch.Tensor, n_tokens: float, topk: int, *,
     Returns:
         ``moe/layer{i}/max_violation`` = max_i E f_i (1 = balanced, E = all on one expert),
         ``moe/layer{i}/min_load`` = min_i E f_i, ``moe/layer{i}/load_entropy`` = entropy in nats
-        of C / sum(C) (log E = balanced), and ``moe/max_violation`` = max over layers.
+        of C / sum(C) (log E = balanced), ``moe/layer{i}/dropped_frac`` = 1 - sum_i C_i / (K N)
+        (routes dropped by a capacity factor; 0 without one), and ``moe/max_violation`` = max
+        over layers, ``moe/dropped_frac`` = mean over layers.
     Raises:
         ValueError: ``n_tokens <= 0``, ``topk < 1`` or a layer_ids length mismatch.
     """
@@ -34,10 +36,13 @@ def router_load_metrics(counts: torch.Tensor, n_tokens: float, topk: int, *,
     load = e * counts / (topk * float(n_tokens))  # [L, E]  E f_i
     share = counts / counts.sum(-1, keepdim=True).clamp_min(1e-30)
     entropy = -(share * share.clamp_min(1e-30).log()).sum(-1)  # [L] nats
+    dropped = (1.0 - counts.sum(-1) / (topk * float(n_tokens))).clamp_min(0.0)  # [L]
     out: dict[str, float] = {}
     for row, i in enumerate(layer_ids):
         out[f"moe/layer{i}/max_violation"] = float(load[row].max())
         out[f"moe/layer{i}/min_load"] = float(load[row].min())
         out[f"moe/layer{i}/load_entropy"] = float(entropy[row])
+        out[f"moe/layer{i}/dropped_frac"] = float(dropped[row])
     out["moe/max_violation"] = float(load.max()) if counts.numel() else 0.0
+    out["moe/dropped_frac"] = float(dropped.mean()) if counts.numel() else 0.0
     return out
