@@ -131,13 +131,12 @@ class StepBatch:
 
     samples: N = P * n scored samples, group-major; rows: the P prompt rows (jsonl dicts, for
     HPT demonstrations); metrics: rollout/* of the production (dynamic sampling) and driver
-    timings; stream_state: the prompt cursor after this batch (and any pending one) was drawn.
+    timings.
     """
 
     samples: list[Sample]
     rows: list[dict]
     metrics: dict = field(default_factory=dict)
-    stream_state: dict | None = None
 
 
 def group_has_variance(group: list[Sample]) -> bool:
@@ -150,7 +149,8 @@ class RolloutProducer:
     """Produce each step's ``StepBatch`` on the driver; see the module docstring.
 
     Args: svc: the ``RolloutService``; stream: the ``PromptStream`` (only the driver's copy
-        advances; its state is broadcast with every batch); to_prompt: row -> prompt token ids;
+        advances, and with one-step-off only the producing thread touches it until ``drain``;
+        ``state_dict`` drains first and broadcasts the driver's cursor); to_prompt: row -> prompt token ids;
         P / n: prompts per step and samples per prompt; sampling: ``step -> SamplingParams`` base
         (its seed is offset per dynamic-sampling round); dynamic_sampling / max_rounds: DAPO's
         filter; async_one_step_off: keep one batch in flight.
@@ -216,11 +216,9 @@ class RolloutProducer:
             else:
                 batch = self._produce(step)
             if self.async_ and step + 1 <= last_step:
+                # from here until drain() the thread owns the prompt stream: nothing else reads it
                 self._pending = (step + 1, self._pool.submit(self._produce, step + 1))
-            batch.stream_state = self.stream.state_dict()
-        batch = broadcast_from_driver(batch)
-        self.stream.load_state_dict(batch.stream_state)
-        return batch
+        return broadcast_from_driver(batch)
 
     def drain(self) -> None:
         """Wait until the engines are idle (the in-flight batch, if any, is complete): call before
