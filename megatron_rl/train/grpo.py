@@ -105,7 +105,8 @@ def rl_step(tr: Trainer, cfg: RLConfig, ctx: StepContext, batch: StepBatch, *, s
     # 5. k optimizer steps, each a token-mean over its global mini-batch
     t0 = time.perf_counter()
     settings = PolicyLossSettings(eps_low=cfg.eps_low, eps_high=cfg.eps_high, agg=cfg.loss_agg,
-                                  max_response_len=cfg.max_new_tokens, **_extra_loss_settings(cfg))
+                                  max_response_len=cfg.max_new_tokens, entropy_coef=cfg.entropy_coef,
+                                  kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind)
     per_mini = []
     for j, mini in enumerate(minis):
         num_tokens, num_seqs = global_counts(mini)
@@ -299,16 +300,6 @@ def label_frame(logp: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(like, dtype=torch.float32)
     out[:, :-1] = logp
     return out
-
-
-def _extra_loss_settings(cfg: RLConfig) -> dict:
-    """PolicyLossSettings fields beyond the clip (only those the loss supports are passed)."""
-    fields = PolicyLossSettings.__dataclass_fields__
-    extra = {"entropy_coef": cfg.entropy_coef, "kl_coef": cfg.kl_coef, "kl_kind": cfg.kl_kind}
-    for key, value in extra.items():
-        if key not in fields and value not in (0.0, "k3"):
-            raise ValueError(f"this build's policy loss has no {key}")
-    return {k: v for k, v in extra.items() if k in fields}
 
 
 def attach_old_logprobs(tr: Trainer, mbs: list[dict], cfg: RLConfig, *, engine_routes: bool = False) -> dict:
