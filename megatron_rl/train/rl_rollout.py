@@ -3,7 +3,7 @@
 Legend: P prompts per step, n samples per prompt, N = P * n samples (group-major order).
 
 Only global rank 0 (the "driver") talks HTTP: it owns the ``EngineLauncher`` (engines + router)
-and the ``SGLangClient``s. ``RolloutService.rollout`` generates and scores on the driver, then
+and the ``SGLangClient``s. ``RolloutProducer.get`` generates and scores on the driver, then
 ``broadcast_object_list`` hands the same ``list[Sample]`` to every trainer rank. Evaluation
 (n samples per held-out prompt, unbiased pass@k) runs on the driver only; its metrics are only
 logged there. ``WeightSync`` is built on every rank (its ``sync`` is collective) with a client only
@@ -68,18 +68,6 @@ class RolloutService:
                                              return_routed_experts=self.return_routed_experts)
 
         return asyncio.run(go())
-
-    def rollout(self, prompts: list[list[int]], labels: list[str], n: int, sampling: SamplingParams,
-                tag: str) -> tuple[list[Sample], dict]:
-        """N = len(prompts) * n scored samples on every rank, and driver-side timings.
-
-        Returns ``(samples, {"perf/rollout_time_s", "perf/reward_time_s"})`` (timings are 0 off
-        the driver). Raises what ``generate_groups`` / ``RewardRunner.score`` raise, on the driver.
-        """
-        out, times = None, {"perf/rollout_time_s": 0.0, "perf/reward_time_s": 0.0}
-        if self.is_driver:
-            out, times = self._generate_and_score(prompts, labels, n, sampling, tag)
-        return broadcast_from_driver(out), times
 
     def evaluate(self, splits: dict[str, tuple[list[list[int]], list[str]]], n: int,
                  sampling: SamplingParams) -> dict[str, float]:
