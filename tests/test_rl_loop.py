@@ -156,6 +156,8 @@ BASE = ["--hf", "x", "--train-data", "t.jsonl", "--out", "o", "--rollout-batch-s
     (["--hpt-gamma", "1.0"], "--hpt-gamma must be in [0, 1)"),
     (["--engine-args", "--dtype 'bfloat16"], "--engine-args"),
     (["--lbl-mode", "micro", "--lbl-alpha", "0.01", "--moe-aux-loss-coeff", "0.01"], "two load-balancing losses"),
+    (["--lr", "5e-5", "--min-lr", "1e-4"], "--min-lr 0.0001 must be in [0, --lr 5e-05]"),
+    (["--lr", "0"], "--lr must be > 0"),
 ])
 def test_bad_flag_combinations(flags, msg, capsys, tmp_path):
     from megatron_rl.train.grpo import parse_args
@@ -163,6 +165,17 @@ def test_bad_flag_combinations(flags, msg, capsys, tmp_path):
     with pytest.raises(SystemExit):
         parse_args([*BASE, *flags])
     assert msg in capsys.readouterr().err
+
+
+def test_min_lr_defaults_to_a_tenth_of_lr():
+    """A low --lr alone must not trip Megatron's bare `max_lr >= min_lr` assert (it did with a
+    fixed 1e-4 floor); the floor follows --lr unless given."""
+    from megatron_rl.train.grpo import parse_args
+
+    args, _ = parse_args([*BASE, "--lr", "5e-5"])
+    assert args.min_lr == pytest.approx(5e-6)
+    args, _ = parse_args([*BASE, "--lr", "5e-5", "--min-lr", "0"])
+    assert args.min_lr == 0.0
 
 
 def test_train_row_without_label_fails_before_any_model_is_built(tmp_path):

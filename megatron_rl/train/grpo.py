@@ -381,7 +381,7 @@ def global_counts(mini: list[dict]) -> tuple[int, int]:
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
-    from megatron_rl.train.sft import add_common_args
+    from megatron_rl.train.sft import add_common_args, check_optim_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p)
@@ -436,6 +436,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
                    help="exit after this many steps in this process, without a final checkpoint "
                         "(simulates a kill; to test resume)")
     args = p.parse_args(argv)
+    check_optim_args(p, args)
     if args.num_engines < 1:
         p.error(f"--num-engines must be >= 1, got {args.num_engines}")
     for spec in args.eval_data:

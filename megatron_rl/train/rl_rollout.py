@@ -79,11 +79,20 @@ class RolloutService:
             return {}
         correct = {}
         for name, (prompts, labels) in splits.items():
-            samples, _ = self._generate_and_score(prompts, labels, n, sampling, f"eval-{name}")
+            samples, _ = self.generate_and_score(prompts, labels, n, sampling, f"eval-{name}")
             correct[name] = [[s.reward >= 1.0 for s in samples[i * n:(i + 1) * n]] for i in range(len(prompts))]
         return {f"eval/{k}": v for k, v in pass_at_k_by_split(correct).items()}
 
-    def _generate_and_score(self, prompts, labels, n, sampling, tag) -> tuple[list[Sample], dict]:
+    def generate_and_score(self, prompts: list[list[int]], labels: list[str], n: int,
+                           sampling: SamplingParams, tag: str) -> tuple[list[Sample], dict]:
+        """n samples per prompt from the engines, each scored by the verifier.
+
+        prompts: P prompt token-id lists; labels: P reference answers; tag: request-id prefix
+        (shows in the engine logs). Returns the P * n samples, group-major (prompt i's samples
+        at [i * n, (i + 1) * n)), with the engine's token logprobs (and routes when requested),
+        and ``perf/rollout_time_s`` / ``perf/reward_time_s`` in seconds. Raises what the client or
+        the reward runner raise (an engine short of logprobs, a verifier that fails).
+        """
         t0 = time.perf_counter()
         groups = self._generate(prompts, n, sampling, tag)
         t1 = time.perf_counter()
@@ -186,7 +195,7 @@ class RolloutProducer:
 
     def _generate_and_score_rows(self, rows, sampling, tag):
         prompts = [self.to_prompt(r) for r in rows]
-        return self.svc._generate_and_score(prompts, [r["label"] for r in rows], self.n, sampling, tag)
+        return self.svc.generate_and_score(prompts, [r["label"] for r in rows], self.n, sampling, tag)
 
     # -- collective ------------------------------------------------------------------------------
     def get(self, step: int, *, last_step: int) -> StepBatch:

@@ -42,7 +42,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute", default="none", choices=["none", "full"])
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=1e-3)
-    o.add_argument("--min-lr", type=float, default=1e-4)
+    o.add_argument("--min-lr", type=float, default=None,
+                   help="floor of the decay (default: 0.1 x --lr); must be <= --lr")
     o.add_argument("--lr-warmup-steps", type=int, default=10)
     o.add_argument("--lr-decay-style", default="cosine")
     o.add_argument("--weight-decay", type=float, default=0.0)
@@ -53,6 +54,20 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--out", required=True, help="run directory")
     r.add_argument("--save-interval", type=int, default=0, help="0: only at the end")
     r.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
+
+
+def check_optim_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill ``args.min_lr`` (default 0.1 x lr) and refuse schedules Megatron would assert on.
+
+    Megatron's ``OptimizerParamScheduler`` asserts ``max_lr >= min_lr`` with no message; here
+    ``p.error`` names both flags instead (exit code 2).
+    """
+    if args.lr <= 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
+    if args.min_lr is None:
+        args.min_lr = 0.1 * args.lr
+    if not 0 <= args.min_lr <= args.lr:
+        p.error(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,6 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--stop-after-steps", type=int, default=0,
                    help="exit after this many steps in this process (to test resume)")
     args = p.parse_args(argv)
+    check_optim_args(p, args)
     for spec in args.eval_data:
         if "=" not in spec:
             p.error(f"--eval-data expects NAME=PATH, got {spec!r}")
