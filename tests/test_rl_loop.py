@@ -158,6 +158,7 @@ BASE = ["--hf", "x", "--train-data", "t.jsonl", "--out", "o", "--rollout-batch-s
     (["--lbl-mode", "micro", "--lbl-alpha", "0.01", "--moe-aux-loss-coeff", "0.01"], "two load-balancing losses"),
     (["--lr", "5e-5", "--min-lr", "1e-4"], "--min-lr 0.0001 must be in [0, --lr 5e-05]"),
     (["--lr", "0"], "--lr must be > 0"),
+    (["--eval-temperature", "0"], "--eval-temperature must be > 0"),
 ])
 def test_bad_flag_combinations(flags, msg, capsys, tmp_path):
     from megatron_rl.train.grpo import parse_args

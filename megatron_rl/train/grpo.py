@@ -432,6 +432,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
     r.add_argument("--eval-interval", type=int, default=0, help="0: only at the end")
     r.add_argument("--eval-n-samples", type=int, default=4)
     r.add_argument("--eval-max-prompts", type=int, default=64)
+    r.add_argument("--eval-temperature", type=float, default=None,
+                   help="sampling temperature of the evals (default: --temperature)")
     r.add_argument("--stop-after-steps", type=int, default=0,
                    help="exit after this many steps in this process, without a final checkpoint "
                         "(simulates a kill; to test resume)")
@@ -563,7 +565,8 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
                              routed_experts_layout=_route_layout(tr.config) if wants_routes else None)
         weights = WeightSync(SGLangClient(launcher.engine_urls) if launcher else None)
         weights.sync(tr.model, tr.hf_config, version=step)  # engines start from the (resumed) policy
-        eval_sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+        eval_temperature = cfg.temperature if cfg.eval_temperature is None else cfg.eval_temperature
+        eval_sampling = SamplingParams(temperature=eval_temperature, top_p=cfg.top_p,
                                        max_new_tokens=cfg.max_new_tokens, stop_token_ids=svc.stop_token_ids,
                                        seed=cfg.seed)
 

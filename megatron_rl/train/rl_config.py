@@ -31,7 +31,9 @@ class RLConfig:
     "dr_grpo" (no std, constant ``max_new_tokens`` normaliser: Liu et al. 2025 arXiv 2503.20783).
     eps_low / eps_high: PPO clip range (clip-higher when eps_high > eps_low).
     tis_cap: truncated importance sampling cap on pi_old / mu (None = off).
-    eval_interval: RL steps between evals (0 = only at the end); eval_n_samples per prompt.
+    eval_interval: RL steps between evals (0 = only at the end); eval_n_samples per prompt;
+    eval_temperature: sampling temperature of the evals (None = ``temperature``), so a hotter
+    exploration temperature in rollouts is still scored at the deployment temperature.
     save_interval: RL steps between checkpoints (0 = only at the end).
     icepop_low / icepop_high: IcePop token mask on pi_old / mu (both or neither; None = off);
     seq_mask_low / seq_mask_high: drop whole samples whose geometric-mean pi_old / mu is outside.
@@ -79,6 +81,7 @@ class RLConfig:
     eval_interval: int = 0
     eval_n_samples: int = 4
     eval_max_prompts: int = 64
+    eval_temperature: float | None = None
     save_interval: int = 0
     seed: int = 1234
     icepop_low: float | None = None
@@ -129,6 +132,8 @@ class RLConfig:
         need(self.tis_cap is None or self.tis_cap > 0, f"--tis-cap must be > 0, got {self.tis_cap}")
         need(self.eval_interval >= 0 and self.save_interval >= 0, "intervals must be >= 0")
         need(self.eval_n_samples >= 1, f"--eval-n-samples must be >= 1, got {self.eval_n_samples}")
+        need(self.eval_temperature is None or self.eval_temperature > 0,
+             f"--eval-temperature must be > 0 (sampling), got {self.eval_temperature}")
         need((self.icepop_low is None) == (self.icepop_high is None),
              "--icepop-low and --icepop-high go together (IcePop keeps a <= pi_old/mu <= b)")
         need(self.icepop_low is None or 0 < self.icepop_low <= 1 <= self.icepop_high,
