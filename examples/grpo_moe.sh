@@ -92,7 +92,7 @@ fi
 
 # ---------------------------------------------------------------- 3. GRPO
 GRPO=(--rollout-batch-size 8 --n-samples-per-prompt 8 --max-new-tokens 96 --temperature 1.0
-      --lr 2e-4 --lr-warmup-steps 0 --micro-batch-size 8 --num-steps 100
+      --lr 2e-4 --min-lr 1e-4 --lr-warmup-steps 0 --micro-batch-size 8 --num-steps 100
       --eval-interval 50 --eval-n-samples 4 --eval-max-prompts 64 --save-interval 10)
 [ "$SMOKE" = 1 ] && GRPO+=(--rollout-batch-size 4 --n-samples-per-prompt 4 --max-new-tokens 64
                            --micro-batch-size 8 --num-steps 3 --eval-interval 0 --eval-n-samples 2
