@@ -108,11 +108,11 @@ def rl_step(tr: Trainer, cfg: RLConfig, ctx: StepContext, batch: StepBatch, *, s
                                   max_response_len=cfg.max_new_tokens, entropy_coef=cfg.entropy_coef,
                                   kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind)
     per_mini = []
+    key = replay_key(cfg)
     for j, mini in enumerate(minis):
         num_tokens, num_seqs = global_counts(mini)
         stats, moe = LossStats(), {}
         fstep = policy_forward_step(settings, num_tokens, num_seqs, stats)
-        key = replay_key(cfg)
         with (RoutingReplay(tr.model, mode="replay", key=key) if key else nullcontext()) as rr:
             if rr is not None:
                 fstep = rr.wrap_forward_step(fstep)
@@ -335,14 +335,10 @@ def attach_old_logprobs(tr: Trainer, mbs: list[dict], cfg: RLConfig, *, engine_r
         flips, n_valid = torch.zeros(0, dtype=torch.float64), 0.0
         for mb, rec in zip(mbs, recorded):
             mb[RECORDED_ROUTES] = rec
-            if engine_routes:
-                valid = (mb["loss_mask"] > 0).reshape(-1)
-                f, n_v = routing_flip_counts(mb[ENGINE_ROUTES].reshape(-1, *rec.shape[2:]),
-                                             rec.reshape(-1, *rec.shape[2:]), valid)
+            if engine_routes:  # both [B, S, L, K]
+                f, n_v = routing_flip_counts(mb[ENGINE_ROUTES], rec, mb["loss_mask"] > 0)
                 flips, n_valid = (f if not flips.numel() else flips + f), n_valid + n_v
         if engine_routes:
-            from megatron.core import parallel_state as ps
-
             out = flip_rate_metrics(flips, n_valid, layer_ids=moe_layer_ids(tr.config),
                                     group=ps.get_data_parallel_group())
     for mb in mbs:
