@@ -2,6 +2,8 @@
 
 import json
 import sys
+
+import pytest
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -29,3 +31,10 @@ def test_mean_change_and_spread(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| moe/max_violation (mean of last 2 steps) | 2.500 | 1.000 |" in out
     assert "10.0% -> 20.0% (step 2)" in out
+
+
+def test_key_without_per_run_is_refused(tmp_path, capsys):
+    r1 = _run(tmp_path / "s1" / "grpo", 0.10, 0.20, [2.0, 3.0])
+    with pytest.raises(SystemExit):
+        compare_runs.main(["--key", "moe/max_violation", r1])
+    assert "--key is shown per run only" in capsys.readouterr().err

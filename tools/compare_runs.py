@@ -5,8 +5,8 @@
 
 For every ``eval/<split>/pass@<k>`` key: the value at the first evaluated step ("before") and at
 the last evaluated step ("after") of each run, then the mean over runs and the seed-to-seed spread
-(max - min) of the after-minus-before change. ``--key`` adds per-step training metrics, averaged
-over each run's last ``--last`` logged steps. Markdown on stdout.
+(max - min) of the after-minus-before change. ``--key`` (with ``--per-run``) adds per-step training
+metrics, averaged over each run's last ``--last`` logged steps. Markdown on stdout.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def main(argv=None) -> None:
                    help="a training metric to average over each run's last --last steps (repeatable)")
     p.add_argument("--last", type=int, default=10)
     a = p.parse_args(argv)
+    if a.keys and not a.per_run:
+        p.error("--key is shown per run only: add --per-run")
     runs = {r: load(r) for r in a.runs}
     keys = _eval_keys(next(iter(runs.values())))
     if not keys:
