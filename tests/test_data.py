@@ -88,6 +88,30 @@ def test_write_splits_disjoint(tmp_path):
         "eval_id.jsonl", "eval_ood_hard.jsonl", "eval_ood_mid.jsonl", "train.jsonl"]
 
 
+def test_write_splits_edge_exposure(tmp_path):
+    """--edge-ops/--edge-frac: that share of train.jsonl comes from the edge band, the id rows are
+    the plain id rows' prefix, the rows are mixed, and no eval prompt is a train prompt."""
+    synthetic.main(["--out", str(tmp_path), "--seed", "2", "--n-train", "2000", "--n-eval", "100",
+                    "--edge-ops", "4-5", "--edge-frac", "0.05"])
+    train = load_jsonl(tmp_path / "train.jsonl", require_solution=True)
+    edge = [r for r in train if r["op"] >= 4]
+    assert len(train) == 2000 and len(edge) == 100 and {r["op"] for r in edge} == {4, 5}
+    assert all(verify(r["solution"], r["label"]) == 1.0 for r in edge)
+    idrows = [r for r in train if r["op"] <= 3]
+    assert sorted(r["prompt"] for r in idrows) == sorted(r["prompt"] for r in generate("id", 1900, 2))
+    ops = [r["op"] >= 4 for r in train]
+    assert any(ops[:1000]) and any(ops[1000:])  # shuffled in, not appended
+    train_prompts = {r["prompt"] for r in train}
+    for name in ("id", "ood_mid", "ood_hard"):
+        assert not {r["prompt"] for r in load_jsonl(tmp_path / f"eval_{name}.jsonl")} & train_prompts
+    with pytest.raises(ValueError, match="edge_frac must be in"):
+        synthetic.write_splits(tmp_path / "x", 0, 10, 5, edge_ops=(4, 5), edge_frac=1.0)
+    with pytest.raises(ValueError, match="needs edge_ops"):
+        synthetic.write_splits(tmp_path / "x", 0, 10, 5, edge_frac=0.1)
+    with pytest.raises(SystemExit):
+        synthetic.main(["--out", str(tmp_path / "y"), "--edge-frac", "0.1"])
+
+
 @pytest.mark.parametrize("response,label,expected", [
     ("so 3 + 4 = 7. The answer is \\boxed{7}.", "7", 1.0),
     ("\\boxed{5} no wait \\boxed{7}", "7", 1.0),

@@ -150,21 +150,39 @@ def generate(split_or_op_range: str | tuple[int, int], n: int, seed: int, *,
 
 def write_splits(out_dir: str | Path, seed: int, n_train: int, n_eval: int,
                  splits: dict[str, tuple[int, int]] | None = None,
-                 max_value: int = MAX_VALUE) -> dict[str, Path]:
+                 max_value: int = MAX_VALUE, *, edge_ops: tuple[int, int] | None = None,
+                 edge_frac: float = 0.0) -> dict[str, Path]:
     """Write train.jsonl (the "id" band) and eval_<split>.jsonl for every split; return the paths.
 
     Eval split k (1-based, in `splits` order) uses seed + k * EVAL_SEED_STRIDE, is de-duplicated and
-    excludes every train prompt. Raises ValueError if seed is outside [0, EVAL_SEED_STRIDE) or if an
-    eval prompt still appears in train (a bug guard).
+    excludes every train prompt.
+
+    Edge exposure (optional): with `edge_ops` and 0 < `edge_frac` < 1, round(edge_frac * n_train)
+    of the n_train rows are drawn from the op range `edge_ops` (seed + 5 * EVAL_SEED_STRIDE) instead
+    of the id band, and the rows are shuffled together (random.Random(f"gsm-synth-mix:{seed}")).
+    This is the sparse pre-/mid-training exposure to the band above the model's competence that
+    "On the Interplay of Pre-Training, Mid-Training, and RL" (arXiv 2512.07783, Sec. 4) finds RL
+    needs before it can raise pass@1 there; the eval splits still exclude every train prompt.
+
+    Raises ValueError if seed is outside [0, EVAL_SEED_STRIDE), if edge_frac is outside [0, 1) or
+    set without edge_ops, or if an eval prompt still appears in train (a bug guard).
     """
     from megatron_rl.data.jsonl import write_jsonl_atomic
 
     if not 0 <= seed < EVAL_SEED_STRIDE:
         raise ValueError(f"seed must be in [0, {EVAL_SEED_STRIDE}), got {seed}")
+    if not 0.0 <= edge_frac < 1.0:
+        raise ValueError(f"edge_frac must be in [0, 1), got {edge_frac}")
+    if edge_frac > 0 and edge_ops is None:
+        raise ValueError("edge_frac > 0 needs edge_ops (the op range of the exposure rows)")
     splits = dict(SPLITS if splits is None else splits)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = generate(splits["id"], n_train, seed, max_value=max_value)
+    n_edge = round(edge_frac * n_train) if edge_ops is not None else 0
+    train = generate(splits["id"], n_train - n_edge, seed, max_value=max_value)
+    if n_edge:
+        train += generate(edge_ops, n_edge, seed + 5 * EVAL_SEED_STRIDE, max_value=max_value)
+        random.Random(f"gsm-synth-mix:{seed}").shuffle(train)
     train_prompts = {r["prompt"] for r in train}
     paths = {"train": out / "train.jsonl"}
     write_jsonl_atomic(paths["train"], train)
@@ -254,14 +272,24 @@ def main(argv: list[str] | None = None) -> None:
                    help="also write rl_train.jsonl: RL prompts from this op range (e.g. 4-5), "
                         "excluding every eval and train prompt (default: not written)")
     p.add_argument("--n-rl-train", type=int, default=5000, help="rows of rl_train.jsonl")
+    p.add_argument("--edge-ops", default="",
+                   help="op range of the sparse exposure rows mixed into train.jsonl (e.g. 4-5)")
+    p.add_argument("--edge-frac", type=float, default=0.0,
+                   help="share of train.jsonl drawn from --edge-ops (e.g. 0.05; default 0: none)")
     a = p.parse_args(argv)
+    if a.edge_frac and not a.edge_ops:
+        p.error("--edge-frac needs --edge-ops")
+    if not 0.0 <= a.edge_frac < 1.0:
+        p.error(f"--edge-frac must be in [0, 1), got {a.edge_frac}")
 
     def parse(s: str) -> tuple[int, int]:
         lo, _, hi = s.partition("-")
         return int(lo), int(hi or lo)
 
     splits = {"id": parse(a.id_ops), "ood_mid": parse(a.ood_mid_ops), "ood_hard": parse(a.ood_hard_ops)}
-    for name, path in write_splits(a.out, a.seed, a.n_train, a.n_eval, splits, a.max_value).items():
+    edge = parse(a.edge_ops) if a.edge_ops else None
+    for name, path in write_splits(a.out, a.seed, a.n_train, a.n_eval, splits, a.max_value,
+                                   edge_ops=edge, edge_frac=a.edge_frac).items():
         print(f"{name}: {path}")
     if a.rl_train_ops:
         print(f"rl_train: {write_rl_train(a.out, a.seed, a.n_rl_train, parse(a.rl_train_ops), a.max_value)}")
@@ -271,7 +299,8 @@ def write_rl_train(out_dir: str | Path, seed: int, n: int, ops: tuple[int, int],
                    max_value: int = MAX_VALUE) -> Path:
     """Write rl_train.jsonl (RL prompts from op range ``ops``) next to the splits of
     :func:`write_splits` in ``out_dir``, excluding every prompt of train.jsonl and eval_*.jsonl
-    found there. Seed: seed + 4 * EVAL_SEED_STRIDE (after the three default eval splits)."""
+    found there. Seed: seed + 4 * EVAL_SEED_STRIDE (after the three default eval splits; the
+    edge-exposure rows of train.jsonl use seed + 5 * EVAL_SEED_STRIDE)."""
     from megatron_rl.data.jsonl import load_jsonl, write_jsonl_atomic
 
     out = Path(out_dir)
