@@ -111,7 +111,7 @@ def test_greedy_matches_hf_generate(server, hf):
 
 
 def _router_reference(model64, seq):
-    """float64 logprobs [S, V] and top-k expert indices [S, L, K] from one full forward."""
+    """float64 logits [S, V] and top-k expert indices [S, L, K] from one full forward."""
     logits_per_layer = []
     gates = [m for m in model64.modules() if type(m).__name__.endswith("TopKRouter")]
     hooks = [g.register_forward_hook(lambda m, i, o: logits_per_layer.append(o[0])) for g in gates]
@@ -124,7 +124,7 @@ def _router_reference(model64, seq):
     probs = torch.softmax(torch.stack(logits_per_layer, dim=1), dim=-1)  # [S, L, E]
     k = model64.config.num_experts_per_tok
     top = torch.topk(probs, k + 1, dim=-1)
-    return torch.log_softmax(logits, dim=-1), top.indices[..., :k], top.values
+    return logits, top.indices[..., :k], top.values
 
 
 def test_logprobs_and_routed_experts_match_reference(server, hf):
@@ -138,9 +138,19 @@ def test_logprobs_and_routed_experts_match_reference(server, hf):
     seq = ids + gen
     model64 = copy.deepcopy(model).double()
     model64.set_experts_implementation("eager")  # grouped_mm (the default) has no float64 kernel
-    ref_lp, ref_idx, ref_val = _router_reference(model64, seq)
+    ref_logits, ref_idx, ref_val = _router_reference(model64, seq)
+    # SGLang's default: logprobs of the sampled distribution softmax(logits / T)
+    ref_lp = torch.log_softmax(ref_logits / 0.7, dim=-1)
     want = [ref_lp[len(ids) - 1 + i, t].item() for i, t in enumerate(gen)]
     np.testing.assert_allclose([lp for lp, _, _ in lps], want, atol=1e-5, rtol=0)
+    raw = torch.log_softmax(ref_logits, dim=-1)
+    assert max(abs(raw[len(ids) - 1 + i, t].item() - w) for i, (t, w) in enumerate(zip(gen, want))) > 1e-2
+    # greedy requests report the raw (temperature-1) logprobs, like SGLang's greedy path
+    g = _gen(server, ids, temperature=0.0, max_new_tokens=4, ignore_eos=True, return_logprob=True)
+    graw = torch.log_softmax(model64(torch.tensor([ids + g["output_ids"]])).logits[0].detach(), dim=-1)
+    np.testing.assert_allclose([lp for lp, _, _ in g["meta_info"]["output_token_logprobs"]],
+                               [graw[len(ids) - 1 + i, t].item() for i, t in enumerate(g["output_ids"])],
+                               atol=1e-5, rtol=0)
 
     cfg = model.config
     routes = np.frombuffer(base64.b64decode(out["meta_info"]["routed_experts"]), dtype=np.int32)

@@ -77,6 +77,20 @@ def test_grpo_two_steps(tiny_hf_dir, data_dir, tmp_path):
     assert set(res["engine_versions"].values()) == {"3"}
 
 
+def test_perfect_baseline_at_a_rollout_temperature(tiny_hf_dir, data_dir, tmp_path):
+    """At temperature 0.7 the engines sample from and report logprobs of softmax(logits / 0.7)
+    (SGLang's default); the trainer divides its logits by the same T, so the on-policy ratio is
+    still 1 and the engine/trainer mismatch ~0 (untempered trainer logprobs differ by ~0.1 nats)."""
+    out = tmp_path / "run"
+    argv = _argv(tiny_hf_dir, data_dir, out)
+    argv[argv.index("--temperature") + 1] = "0.7"
+    argv[argv.index("--num-steps") + 1] = "1"
+    run_distributed(run_grpo, 1, argv)
+    r = {r["step"]: r for r in map(json.loads, open(out / "metrics.jsonl"))}[1]
+    assert r["train/ratio_max_abs_dev_first_minibatch"] < 1e-5
+    assert r["mismatch/logprob_abs_diff"] < 1e-5 and abs(r["mismatch/k3_kl"]) < 1e-8
+
+
 @pytest.mark.parametrize("flags, msg", [
     (["--mini-batches-per-rollout", "0"], "--mini-batches-per-rollout must be >= 1"),
     (["--mini-batches-per-rollout", "3"], "not divisible by --mini-batches-per-rollout"),

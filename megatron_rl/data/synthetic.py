@@ -27,8 +27,10 @@ Reward: `verify(response, label)` -> 1.0 / 0.0 on the extracted final answer (la
 else "The answer is N", else the last number), after normalisation.
 
 CLI: python -m megatron_rl.data.synthetic --out DIR --seed N [--n-train N] [--n-eval N]
-writes train.jsonl (id band) and eval_{id,ood_mid,ood_hard}.jsonl with seeds disjoint from train
-and no eval prompt equal to a train prompt.
+[--rl-train-ops 4-5] [--edge-ops 4-5 --edge-frac 0.05]
+writes train.jsonl (id band, plus an optional sparse share of the edge band) and
+eval_{id,ood_mid,ood_hard}.jsonl with seeds disjoint from train and no eval prompt equal to a train
+prompt, and optionally rl_train.jsonl.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from megatron_rl.moe.routing_replay import (RoutingReplay, build_replay_routes, 
 from megatron_rl.rollout.client import SamplingParams
 from megatron_rl.rollout.rewards import Verifier, synthetic_verifier
 from megatron_rl.train.engine import Trainer, train_step
-from megatron_rl.train.logprobs import compute_logprobs
+from megatron_rl.train.logprobs import apply_logits_temperature, compute_logprobs
 from megatron_rl.train.rl_batch import (LossStats, PolicyLossSettings, Sample, local_counts, microbatches,
                                         policy_forward_step)
 from megatron_rl.train.rl_config import ADVANTAGES, KL_KINDS, LBL_MODES, REPLAY_MODES, RLConfig
@@ -531,6 +531,10 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     evals = {name: ([build_prompt_ids(tok, r) for r in rows], [r["label"] for r in rows])
              for name, rows in eval_rows.items()}
     ref_model = load_reference_model(tr, cfg.ref_hf) if cfg.kl_coef > 0 else None
+    # the engines report logprobs of softmax(logits / T): train on that same distribution
+    apply_logits_temperature(tr, cfg.temperature)
+    if ref_model is not None:
+        apply_logits_temperature(ref_model, cfg.temperature)
     balance = None
     if tr.config.num_moe_experts:
         from megatron_rl.moe.balance import LoadBalance

@@ -3,7 +3,8 @@
 Legend: B = rows, S = tokens per row, V = vocab (TP-sharded inside the model).
 
 ``compute_logprobs`` is the trainer side of the rollout/trainer consistency check and of the
-"old logprobs" of an RL step: logp[b, t] = log softmax(logits[b, t])[tokens[b, t + 1]].
+"old logprobs" of an RL step: logp[b, t] = log softmax(logits[b, t])[tokens[b, t + 1]] (logits
+divided by the rollout temperature when ``apply_logits_temperature`` hooked the model).
 It runs the model with ``labels`` so Megatron's ``vocab_parallel_cross_entropy`` computes
 -logp without ever gathering the full [B, S, V] logits over TP, through
 ``get_forward_backward_func(forward_only=True)`` so pipeline stages pass activations as in
@@ -21,6 +22,43 @@ import torch
 def causal_mask(b: int, s: int) -> torch.Tensor:
     """Megatron attention mask [B, 1, S, S] bool, True = masked (strictly upper triangle)."""
     return torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1).expand(b, 1, s, s).contiguous()
+
+
+def apply_logits_temperature(model, temperature: float) -> list:
+    """Divide the policy's logits by the rollout ``temperature`` in every forward (train and no-grad).
+
+    The engines sample from softmax(logits / T) and report its logprobs (SGLang's default), so the
+    old / new / reference logprobs, the PPO ratio and the entropy must use the same tempered
+    distribution (verl's and slime's rollout-temperature scaling of the trainer logits). Implemented
+    as a forward hook on every ``output_layer`` (GPTModel's vocab-parallel projection; only the last
+    PP stage has one) that returns ``(logits / T, bias)``; autograd sees the division.
+
+    Args:
+        model: a GPTModel chunk (DDP-wrapped or not) or a ``Trainer`` (``.model``).
+        temperature: T > 0; T == 1 registers nothing.
+    Returns:
+        the hook handles (``handle.remove()`` undoes it).
+    Raises:
+        ValueError: T <= 0, or T != 1 and this rank's model has no ``output_layer`` on a last
+            pipeline stage.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if temperature == 1.0:
+        return []
+    model = getattr(model, "model", model)
+
+    def hook(module, inputs, output):
+        logits, bias = output
+        return logits / temperature, bias
+
+    handles = [m.register_forward_hook(hook) for name, m in model.named_modules()
+               if name.split(".")[-1] == "output_layer"]
+    from megatron.core import parallel_state as ps
+
+    if not handles and ps.is_pipeline_last_stage():
+        raise ValueError("apply_logits_temperature: no output_layer found in the model")
+    return handles
 
 
 def compute_logprobs(tr_or_model, tokens: torch.Tensor, *,

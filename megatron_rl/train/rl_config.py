@@ -31,6 +31,10 @@ class RLConfig:
     "dr_grpo" (no std, constant ``max_new_tokens`` normaliser: Liu et al. 2025 arXiv 2503.20783).
     eps_low / eps_high: PPO clip range (clip-higher when eps_high > eps_low).
     tis_cap: truncated importance sampling cap on pi_old / mu (None = off).
+    temperature: rollout sampling temperature T. The engines report logprobs of softmax(logits / T)
+    (SGLang's default) and the trainer divides the policy's (and the reference's) logits by T
+    (``logprobs.apply_logits_temperature``), so ratios, entropy and KL are those of the sampled
+    distribution, as in verl and slime; HPT's SFT term is then also at T.
     eval_interval: RL steps between evals (0 = only at the end); eval_n_samples per prompt;
     eval_temperature: sampling temperature of the evals (None = ``temperature``), so a hotter
     exploration temperature in rollouts is still scored at the deployment temperature.

@@ -5,8 +5,9 @@ Legend: P = prompt tokens, T = tokens fed in one forward, L = MoE layers, K = ro
 
 Generation runs the model's own forward (`AutoModelForCausalLM`, eval, `DynamicCache`) one sequence at a
 time (batch 1, no padding), so greedy outputs equal `model.generate(do_sample=False)` exactly.
-Logprobs are `log_softmax` of the raw float32 logits (temperature 1, before top-k/top-p): SGLang's
-default "original logprobs" (its `RETURN_ORIGINAL_LOGPROB`), i.e. what the trainer recomputes.
+Logprobs (`sampling.token_logprob`) are those of SGLang's sampler: log_softmax of the float32 logits
+divided by the request's temperature (before top-k/top-p), or of the raw logits for greedy requests
+and under SGLANG_RETURN_ORIGINAL_LOGPROB=1; the trainer scales its logits by the same temperature.
 
 Routed experts: a forward hook on every Qwen3-MoE-style router (`*TopKRouter`, transformers 5 returns
 `(router_logits, router_scores, router_indices)`) records `router_indices` [T, K] -- the very tensor

@@ -86,6 +86,20 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
+def token_logprob(logits: torch.Tensor, tok: int, params: SamplingParams, *, original: bool = False) -> float:
+    """Logprob the engine reports for sampled token `tok`, from float32 logits [V].
+
+    Matches SGLang's sampler: by default the log-probability under the temperature-scaled
+    distribution, log_softmax(logits / temperature)[tok] (before top-k / top-p, which only
+    truncate what is sampled); greedy requests and `original=True` (SGLang's
+    SGLANG_RETURN_ORIGINAL_LOGPROB) give log_softmax(logits)[tok]. The trainer scales its logits by
+    the same rollout temperature (`train.logprobs.apply_logits_temperature`), so the two agree.
+    Returns a float <= 0 (nats).
+    """
+    scaled = logits.float() if original or params.greedy else logits.float() / params.temperature
+    return float(torch.log_softmax(scaled, dim=-1)[tok])
+
+
 def find_stop_str(text: str, stops: list[str]) -> tuple[int, str] | None:
     """Earliest (char index, stop string) of any stop string in `text`, or None."""
     best = None

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import collections
 import logging
+import os
 import queue
 import threading
 import time
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from .model_runner import ModelRunner
-from .sampling import SamplingParams, find_stop_str, sample_token
+from .sampling import SamplingParams, find_stop_str, sample_token, token_logprob
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class Scheduler:
                  weight_version: str = "default"):
         self.runner, self.max_running, self.seed = runner, max_running_requests, seed
         self.weight_version = weight_version
+        # SGLang's switch: report log_softmax(raw logits) instead of the temperature-scaled ones
+        self.original_logprobs = os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in (
+            "1", "true", "yes")
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -195,7 +199,7 @@ class Scheduler:
             tok = sample_token(logits, req.params, req.generator)
             req.output_ids.append(tok)
             if req.return_logprob:
-                req.logprobs.append(float(torch.log_softmax(logits, dim=-1)[tok]))
+                req.logprobs.append(token_logprob(logits, tok, req.params, original=self.original_logprobs))
             reason = self._stop_reason(req, tok)
             if reason is not None:
                 self._finish(req, reason)
