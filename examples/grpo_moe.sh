@@ -12,9 +12,11 @@
 #
 # With no flags on a CPU box it is the embedded default, every stage under $RUN:
 #   1. data: the tiny Qwen3-MoE (tools/make_tiny_model.py) and the task data: SFT train = 1-3
-#      operations, eval_id / eval_ood_mid (4-5) / eval_ood_hard (6-8), and RL prompts
+#      operations plus a sparse 5% of 4-5-operation rows (--edge-ops 4-5 --edge-frac 0.05: without
+#      that exposure the SFT policy never writes more than 3 steps and GRPO has nothing to
+#      reinforce, see README), eval_id / eval_ood_mid (4-5) / eval_ood_hard (6-8), and RL prompts
 #      rl_train.jsonl = 4-5 operations (the band just above SFT's competence), none of them an eval
-#      prompt (megatron_rl.data.synthetic --rl-train-ops 4-5);
+#      or train prompt (megatron_rl.data.synthetic --rl-train-ops 4-5);
 #   2. SFT: examples/sft_moe.sh (600 steps) -> $RUN/sft (checkpoints, metrics) + $RUN/sft_hf;
 #   3. GRPO (megatron_rl.train.grpo) from $RUN/sft_hf with 2 embedded engines behind sglang-router
 #      (started by rank 0) -> $RUN/grpo (checkpoints, metrics.jsonl with the step-0 "before" eval,
@@ -67,7 +69,8 @@ if [ ! -f "$HF/config.json" ]; then
   "$PY" tools/make_tiny_model.py --out "$HF" --seed "$SEED"
 fi
 if [ ! -f "$RL_TRAIN" ] || [ ! -f "$DATA/eval_ood_hard.jsonl" ]; then
-  "$PY" -m megatron_rl.data.synthetic --out "$DATA" --seed "$SEED" --rl-train-ops 4-5
+  "$PY" -m megatron_rl.data.synthetic --out "$DATA" --seed "$SEED" --rl-train-ops 4-5 \
+    --edge-ops 4-5 --edge-frac 0.05
 fi
 EVALS=(--eval-data "id=$DATA/eval_id.jsonl" --eval-data "ood_mid=$DATA/eval_ood_mid.jsonl"
        --eval-data "ood_hard=$DATA/eval_ood_hard.jsonl")
@@ -92,7 +95,7 @@ fi
 
 # ---------------------------------------------------------------- 3. GRPO
 GRPO=(--rollout-batch-size 8 --n-samples-per-prompt 8 --max-new-tokens 96 --temperature 1.0
-      --lr 2e-4 --min-lr 1e-4 --lr-warmup-steps 0 --micro-batch-size 8 --num-steps 100
+      --lr 1e-4 --lr-decay-style constant --lr-warmup-steps 0 --micro-batch-size 8 --num-steps 100
       --eval-interval 50 --eval-n-samples 4 --eval-max-prompts 64 --save-interval 10)
 [ "$SMOKE" = 1 ] && GRPO+=(--rollout-batch-size 4 --n-samples-per-prompt 4 --max-new-tokens 64
                            --micro-batch-size 8 --num-steps 3 --eval-interval 0 --eval-n-samples 2
