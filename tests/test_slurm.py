@@ -15,8 +15,9 @@ import pytest
 
 from slurm_harness import ROOT, LocalSlurm, SlurmUnavailable
 
+# --seq-length 192: the SFT rows reach 161 tokens with the 4-5-op exposure rows (grpo_moe.sh data)
 SFT_SHORT = ("--train-steps 4 --eval-samples 4 --eval-interval 0 --save-interval 2 "
-             "--global-batch-size 4 --micro-batch-size 2 --seq-length 128 --eval-max-new-tokens 16")
+             "--global-batch-size 4 --micro-batch-size 2 --seq-length 192 --eval-max-new-tokens 16")
 GRPO_SHORT = ["--smoke", "--num-steps", "2", "--rollout-batch-size", "2", "--n-samples-per-prompt", "4",
               "--max-new-tokens", "16", "--micro-batch-size", "4", "--eval-n-samples", "2",
               "--eval-max-prompts", "2", "--save-interval", "1"]
