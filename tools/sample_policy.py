@@ -9,9 +9,9 @@ lines ("<Name> has a + b = c <item>."); a policy that writes fewer lines is taki
 stopping early, and RL cannot reinforce a chain length it never samples. This prints, per ``op``,
 the greedy exact-match rate (``synthetic.verify``) and the histogram of derivation lines written.
 
-Generation: HF transformers ``generate(do_sample=False, max_new_tokens=...)`` in float32 on CPU,
-one prompt at a time, on ``chat.build_prompt_ids`` (the prompts the RL loop and its evals use),
-stopping at the end-of-turn token. Markdown on stdout.
+Generation: the SFT evaluation's ``train.evaluate.hf_greedy`` (HF transformers
+``generate(do_sample=False)``, float32 on CPU, left-padded batches) on ``chat.build_prompt_ids``
+(the prompts the RL loop and its evals use), stopping at the end-of-turn token. Markdown on stdout.
 """
 
 from __future__ import annotations
@@ -30,24 +30,18 @@ def count_steps(response: str) -> int:
 
 
 def sample(hf_dir: str, rows: list[dict], max_new_tokens: int = 96) -> list[str]:
-    """Greedy responses (decoded, special tokens skipped) of the checkpoint ``hf_dir`` to ``rows``."""
+    """Greedy responses (decoded, special tokens skipped) of the checkpoint ``hf_dir`` to ``rows``,
+    through the SFT evaluation's generator (``train.evaluate.hf_greedy``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_rl.data.chat import build_prompt_ids, end_of_turn_id
+    from megatron_rl.data.chat import build_prompt_ids
+    from megatron_rl.train.evaluate import hf_greedy
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    eot = end_of_turn_id(tok)
-    out = []
-    with torch.no_grad():
-        for row in rows:
-            ids = torch.tensor([build_prompt_ids(tok, row)])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=eot,
-                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eot)
-            out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
-    return out
+    responses, _ = hf_greedy(model, tok, [build_prompt_ids(tok, r) for r in rows], max_new_tokens)
+    return tok.batch_decode(responses, skip_special_tokens=True)
 
 
 def summarize(rows: list[dict], responses: list[str]) -> str:
