@@ -7,7 +7,8 @@ shape as ``rewards``. ``to_tokens`` broadcasts [N] -> [N, T] under ``loss_mask``
 
 Edge cases (all estimators): a group of size 1 has no baseline to compare against, so its
 advantage is 0 (GRPO, RLOO). A zero-variance group (all rewards equal) has advantage exactly 0:
-the deviation is 0 and the std normaliser is ``std + eps`` (never 0/0).
+the deviation is 0 and the std normaliser is ``std + eps`` (never 0/0). Failed samples
+(non-finite rewards) are excluded by ``group_advantages`` (the trainer's entry point).
 Deliberately left out: KL-in-reward (``kl.kl_penalty_rewards`` shapes token rewards for GAE).
 """
 
@@ -104,6 +105,27 @@ def reinforce_pp_advantages(rewards: torch.Tensor, group_ids: torch.Tensor | Non
     sd = ((w * (a - mu) ** 2).sum() / w.sum().clamp(min=1e-12)).sqrt()
     adv = (a - mu) / (sd + eps)
     return adv.to(rewards.dtype).reshape(rewards.shape), {"batch_mean": mu, "batch_std": sd}
+
+
+def group_advantages(rewards: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[P, n] float rewards -> ([P, n] advantages of ``estimator``, [P, n] bool ``carries``).
+
+    A non-finite reward (NaN: the verifier failed; inf) is left out of its group's statistics
+    (and of reinforce_pp's batch statistics); a sample carries loss only when its reward is
+    finite and its group keeps >= 2 finite rewards (else there is no baseline). Advantages are
+    0 where ``carries`` is False. Estimators: ``RLConfig.advantage``.
+    """
+    valid = torch.isfinite(rewards)
+    carries = valid & (valid.sum(1, keepdim=True) >= 2)
+    gid = torch.arange(rewards.shape[0]).unsqueeze(1).expand_as(rewards)[carries]
+    r = rewards[carries]
+    if estimator == "rloo":
+        a = rloo_advantages(r, gid)[0]
+    elif estimator == "reinforce_pp":
+        a = reinforce_pp_advantages(r, gid)[0]
+    else:
+        a = grpo_advantages(r, gid, normalize_std=estimator == "grpo")[0]
+    return torch.zeros_like(rewards).masked_scatter(carries, a), carries
 
 
 def to_tokens(advantages: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,10 @@ A `Verifier` is any callable `(response: str, label: str) -> float`, sync or asy
 `synthetic_verifier` (exact match on the synthetic task, `megatron_rl.data.synthetic.verify`) and
 `math_verifier` (HF math-verify: parse the response's final/\\boxed answer and compare it to the
 label symbolically). `RewardRunner.score` runs one verifier over a batch: async verifiers run
-concurrently (bounded), sync ones inline. A sample whose verifier raises is marked failed, keeps
-its error, gets reward NaN (so it cannot pass for a real 0.0) and is left out of group stats; if
-the failure rate exceeds `max_failure_rate` the runner raises `RewardFailureError`.
+concurrently (bounded), sync ones inline. A sample whose verifier raises, or returns NaN or
++-inf, is marked failed, keeps its error, gets reward NaN (so it cannot pass for a real 0.0) and is
+left out of group stats (and, in the trainer, of the advantages and the loss); if the failure rate
+exceeds `max_failure_rate` the runner raises `RewardFailureError` naming the failed samples.
 
 Left out: reward models served over HTTP (wrap them as an async Verifier), length penalties.
 """
@@ -91,7 +92,10 @@ class RewardRunner:
             if inspect.isawaitable(out):
                 async with sem:
                     out = await out
-            return float(out)
+            r = float(out)
+            if not np.isfinite(r):  # a NaN/inf reward is a failed verification, not a score
+                raise ValueError(f"verifier returned a non-finite reward {r!r}")
+            return r
 
         raw = await asyncio.gather(*(_guard(one, i) for i in range(n)))
         errors = {i: e for i, (_, e) in enumerate(raw) if e is not None}
@@ -99,7 +103,8 @@ class RewardRunner:
         failed = np.array([e is not None for _, e in raw], dtype=bool)
         rate = len(errors) / max(n, 1)
         if rate > self.max_failure_rate:
-            first = "; ".join(f"sample {i}: {e}" for i, e in list(errors.items())[:3])
+            first = "; ".join(f"sample {i} (group {i // group_size}, label {labels[i]!r}): {e}"
+                              for i, e in list(errors.items())[:3])
             raise RewardFailureError(f"{len(errors)}/{n} verifier calls failed (rate {rate:.3f} > "
                                      f"max_failure_rate {self.max_failure_rate}): {first}")
         mean, std = group_stats(rewards, group_size)

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from megatron_rl.losses.advantages import grpo_advantages, reinforce_pp_advantages, rloo_advantages
+from megatron_rl.losses.advantages import group_advantages
 from megatron_rl.losses.mismatch import mismatch_correction
 from megatron_rl.losses.shaping import overlong_penalty
 from megatron_rl.moe.routing_replay import (RoutingReplay, build_replay_routes, flip_rate_metrics, moe_layer_ids,
@@ -73,14 +73,19 @@ def rl_step(tr: Trainer, cfg: RLConfig, ctx: StepContext, batch: StepBatch, *, s
     samples, n = batch.samples, cfg.n_samples_per_prompt
     metrics.update(rollout_stats(samples, n))
     # 1. rewards (+ DAPO soft overlong punishment) -> group-wise advantages [P, n]
-    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64).nan_to_num(0.0)
+    #    failed verifications (NaN / inf reward) are left out of their group's statistics
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
     if cfg.overlong_buffer:
         pen, m = overlong_penalty(torch.tensor([len(s.output_ids) for s in samples]), cfg.max_new_tokens,
                                   cfg.overlong_buffer, cfg.overlong_penalty)
         rewards, metrics = rewards + pen, metrics | m
-    adv = group_advantages(rewards.view(-1, n), cfg.advantage).reshape(-1)
-    # 2. which samples carry loss: failed verifier (NaN reward), overlong filtering, HPT switch
-    train_samples, train_adv = select_training_samples(samples, adv, batch.rows, cfg, ctx, metrics)
+    adv, carries = group_advantages(rewards.view(-1, n), cfg.advantage)
+    adv, carries = adv.reshape(-1), carries.reshape(-1)
+    metrics["reward/failure_rate"] = float((~torch.isfinite(rewards)).double().mean())
+    metrics["reward/no_loss_groups"] = float((~carries.view(-1, n).any(1)).sum())
+    # 2. which samples carry loss: valid reward in a group of >= 2 valid, overlong filtering, HPT
+    train_samples, train_adv = select_training_samples(samples, adv, batch.rows, cfg, ctx, metrics,
+                                                       carries=carries.tolist())
     # 3. this DP rank's share -> k mini-batches of micro-batches (padded rows, or packed)
     minis = shard_minibatches(train_samples, train_adv, cfg, ctx.pad_id)
     # 4. old logprobs under the rollout policy (no grad) + mismatch (TIS / IcePop / seq mask),
@@ -152,29 +157,25 @@ def rl_step(tr: Trainer, cfg: RLConfig, ctx: StepContext, batch: StepBatch, *, s
     return metrics
 
 
-def group_advantages(rewards: torch.Tensor, estimator: str) -> torch.Tensor:
-    """[P, n] rewards -> [P, n] advantages of ``estimator`` (see ``RLConfig.advantage``)."""
-    if estimator == "rloo":
-        return rloo_advantages(rewards)[0]
-    if estimator == "reinforce_pp":
-        return reinforce_pp_advantages(rewards)[0]
-    return grpo_advantages(rewards, normalize_std=estimator == "grpo")[0]
-
-
 def select_training_samples(samples: list[Sample], adv: torch.Tensor, rows: list[dict], cfg: RLConfig,
-                            ctx: StepContext, metrics: dict) -> tuple[list[Sample], torch.Tensor]:
+                            ctx: StepContext, metrics: dict, *, carries: list[bool] | None = None,
+                            ) -> tuple[list[Sample], torch.Tensor]:
     """Samples that enter the loss and their advantages [N'].
 
     Overlong filtering (DAPO sec. 3.4) drops truncated samples from the loss (their rewards still
     counted in the group baseline); HPT (``cfg.hpt_gamma``) replaces the rollouts of each prompt
     whose pass rate is <= gamma by one demonstration row (SFT loss). Failed verifications (NaN
-    reward) are masked in ``collate``. Adds rollout/overlong_filtered_frac, hpt/sft_prompt_frac.
+    reward) are masked in ``collate``; samples with ``carries[i]`` False (``group_advantages``:
+    non-finite reward, or fewer than 2 finite rewards in the group) are dropped. Adds
+    rollout/overlong_filtered_frac, hpt/sft_prompt_frac.
     """
     n = cfg.n_samples_per_prompt
     keep = [True] * len(samples)
     if cfg.overlong_filter:
         keep = [s.finish_reason != "length" for s in samples]
         metrics["rollout/overlong_filtered_frac"] = 1.0 - sum(keep) / len(keep)
+    if carries is not None:
+        keep = [k and c for k, c in zip(keep, carries)]
     out, out_adv, demos = [], [], []
     for g, row in enumerate(rows):
         group = range(g * n, (g + 1) * n)

