@@ -113,3 +113,40 @@ def test_rl_step_selection_drops_failed_and_single_valid_groups():
     assert [s.output_ids[1] for s in kept] == [0, 2, 3, 8, 9, 10, 11]
     ref = [r for r in _ref_group(rewards[:4], "grpo") if r is not None] + _ref_group(rewards[8:], "grpo")
     assert kept_adv.tolist() == pytest.approx(ref, abs=1e-6)  # float32 on the way to the batch
+
+
+# -- data: invalid UTF-8 and over-long prompts -> DatasetError naming file:line --------------------
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    from megatron_rl.data.jsonl import DatasetError, load_jsonl
+
+    path = tmp_path / "rl.jsonl"
+    path.write_bytes(b'{"prompt": "a", "label": "1"}\n\n{"prompt": "caf\xe9 \xff", "label": "2"}\n')
+    with pytest.raises(DatasetError, match=rf"{path}:3: invalid UTF-8 at byte 15 "):
+        load_jsonl(path)
+    path.write_bytes('{"prompt": "caf\u00e9 \u2713", "label": "2"}\n'.encode())  # valid multibyte passes
+    assert load_jsonl(path)[0]["prompt"] == "caf\u00e9 \u2713"
+
+
+def test_check_prompt_lengths_boundary(tmp_path):
+    from megatron_rl.data.jsonl import DatasetError, check_prompt_lengths
+
+    check_prompt_lengths("d.jsonl", [1, 4], [10, 48], context_length=64, max_new_tokens=16)  # 48 + 16 == 64 fits
+    with pytest.raises(DatasetError, match=r"d.jsonl:4: prompt is 49 tokens; the context length is 64 and "
+                                           r"max_new_tokens 16, so a prompt may have at most 48"):
+        check_prompt_lengths("d.jsonl", [1, 4], [10, 49], context_length=64, max_new_tokens=16)
+
+
+def test_grpo_refuses_prompt_longer_than_context(tiny_hf_dir, tmp_path):
+    """The real loader: the tiny model's context is 512 tokens; line 2's prompt is ~600 tokens."""
+    from megatron_rl.testing import run_distributed
+
+    from _grpo_runs import run_grpo
+
+    path = tmp_path / "rl.jsonl"
+    path.write_text('{"prompt": "1+1", "label": "2"}\n' + '{"prompt": "%s", "label": "2"}\n' % ("7 " * 600))
+    with pytest.raises(RuntimeError, match=rf"DatasetError: {path}:2: prompt is \d+ tokens; the context length "
+                                           r"is 512 and max_new_tokens 16"):
+        run_distributed(run_grpo, 1, ["--hf", tiny_hf_dir, "--train-data", str(path), "--out", str(tmp_path / "o"),
+                                      "--max-new-tokens", "16", "--num-engines", "1"])
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()

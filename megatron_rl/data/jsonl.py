@@ -82,8 +82,13 @@ def load_jsonl_with_lines(path: str | os.PathLike, *, require_label: bool = True
                           require_solution: bool = False) -> list[tuple[int, dict]]:
     """Like `load_jsonl` but returns (1-based line number, row) pairs, for later error messages."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(f"{path}:{line_no}: invalid UTF-8 at byte {e.start} of the line "
+                                   f"({raw[e.start:e.start + 4]!r}): {e.reason}") from e
             if not text.strip():
                 continue
             try:
@@ -98,11 +103,27 @@ def load_jsonl_with_lines(path: str | os.PathLike, *, require_label: bool = True
     return out
 
 
+def check_prompt_lengths(path: str | os.PathLike, lines: list[int], lengths: list[int], *,
+                         context_length: int, max_new_tokens: int) -> None:
+    """Refuse rows whose prompt does not fit the context with room for the response.
+
+    lines: the 1-based line of each row; lengths: its prompt length in tokens (chat template
+    applied). A row needs ``length + max_new_tokens <= context_length`` (SGLang refuses a request
+    whose input plus max_new_tokens exceeds the model's context length). Raises DatasetError
+    naming ``path:line`` of the first row that does not fit.
+    """
+    limit = context_length - max_new_tokens
+    for line, n in zip(lines, lengths):
+        if n > limit:
+            raise DatasetError(f"{path}:{line}: prompt is {n} tokens; the context length is {context_length} "
+                               f"and max_new_tokens {max_new_tokens}, so a prompt may have at most {limit}")
+
+
 def load_jsonl(path: str | os.PathLike, *, require_label: bool = True,
                require_solution: bool = False) -> list[dict]:
     """Read and validate a JSONL dataset. Returns the rows in file order.
 
-    Raises DatasetError ("<path>:<line>: <problem>") on malformed JSON, a non-object row, missing
+    Raises DatasetError ("<path>:<line>: <problem>") on invalid UTF-8, malformed JSON, a non-object row, missing
     or doubled prompt/messages, a missing label (require_label), a missing SFT target
     (require_solution), wrong field types, or an empty file; OSError if the file cannot be read.
     """

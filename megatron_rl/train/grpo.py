@@ -497,6 +497,14 @@ def load_reference_model(tr: Trainer, ref_hf: str):
     return model
 
 
+def _engine_context_length(engine_args: tuple[str, ...]) -> int | None:
+    """The ``--context-length`` passed to the engines through ``--engine-args``, else None."""
+    for i, a in enumerate(engine_args):
+        if a.startswith("--context-length"):
+            return int(a.split("=", 1)[1] if "=" in a else engine_args[i + 1])
+    return None
+
+
 def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     """Run (or resume) a GRPO job; ``verifier(response, label) -> float`` scores the samples.
 
@@ -506,7 +514,7 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     ``EngineResponseError`` for an engine that returns fewer logprobs than tokens).
     """
     from megatron_rl.data.chat import build_prompt_ids, build_sft_sample, end_of_turn_id
-    from megatron_rl.data.jsonl import load_jsonl
+    from megatron_rl.data.jsonl import check_prompt_lengths, load_jsonl_with_lines
     from megatron_rl.parallel import destroy_parallel
     from megatron_rl.rollout.client import SGLangClient
     from megatron_rl.rollout.weight_sync import WeightSync
@@ -517,17 +525,23 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
 
     args, cfg = parse_args(argv)
     # data first: a bad row fails in seconds, naming file:line, before any model is built
-    train_rows = load_jsonl(args.train_data, require_solution=cfg.hpt_gamma is not None)
-    eval_rows = {}
+    datasets = {"": (args.train_data, load_jsonl_with_lines(args.train_data,
+                                                            require_solution=cfg.hpt_gamma is not None))}
     for spec in args.eval_data:
         name, path = spec.split("=", 1)
-        eval_rows[name] = load_jsonl(path)[: cfg.eval_max_prompts]
+        datasets[name] = (path, load_jsonl_with_lines(path)[: cfg.eval_max_prompts])
+    train_rows = [r for _, r in datasets[""][1]]
+    eval_rows = {name: [r for _, r in lr] for name, (_, lr) in datasets.items() if name}
     wants_routes = cfg.routing_replay == "r3" or cfg.routing_flip_rate
     hook = None
     if cfg.routing_replay != "off" or cfg.routing_flip_rate:
         from megatron_rl.moe.routing_replay import enable_routing_replay as hook
     tr, tok, _ = setup(args, tconfig_hook=hook)
     rank0 = torch.distributed.get_rank() == 0
+    ctx_len = _engine_context_length(args.engine_extra_args) or tr.hf_config.get("max_position_embeddings", 1 << 30)
+    for path, line_rows in datasets.values():  # a prompt that cannot fit fails here, naming file:line
+        check_prompt_lengths(path, [ln for ln, _ in line_rows], [len(build_prompt_ids(tok, r)) for _, r in line_rows],
+                             context_length=ctx_len, max_new_tokens=cfg.max_new_tokens)
     stream = PromptStream(train_rows, cfg.seed)
     evals = {name: ([build_prompt_ids(tok, r) for r in rows], [r["label"] for r in rows])
              for name, rows in eval_rows.items()}
