@@ -9,6 +9,7 @@ processes SIGKILLed during rollout and weight sync (tests/test_engine_supervisio
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +151,127 @@ def test_grpo_refuses_prompt_longer_than_context(tiny_hf_dir, tmp_path):
         run_distributed(run_grpo, 1, ["--hf", tiny_hf_dir, "--train-data", str(path), "--out", str(tmp_path / "o"),
                                       "--max-new-tokens", "16", "--num-engines", "1"])
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+# -- conversion: dtypes kept per tensor; temp dirs of killed runs removed -----------------------
+
+def _hf_variants(tiny: str, root: Path) -> dict[str, Path]:
+    """bf16 everywhere; mixed (fp32, with a bf16 o_proj, a bf16 q_norm, an fp16 final norm);
+    fused_mixed (a bf16 q_proj fused with fp32 k/v into linear_qkv). Norms re-drawn so a
+    cast or swap cannot hide."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = load_file(Path(tiny) / "model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    base = {k: (1 + 0.2 * torch.randn(t.shape, generator=g)) if t.dim() == 1 else t for k, t in base.items()}
+    edits = {"bf16": lambda k, t: t.bfloat16(),
+             "mixed": lambda k, t: (t.bfloat16() if k in ("model.layers.1.self_attn.o_proj.weight",
+                                                           "model.layers.2.self_attn.q_norm.weight")
+                                    else t.half() if k == "model.norm.weight" else t),
+             "fused_mixed": lambda k, t: t.bfloat16() if k == "model.layers.0.self_attn.q_proj.weight" else t}
+    out = {}
+    for name, edit in edits.items():
+        d = root / name
+        shutil.copytree(tiny, d)
+        save_file({k: edit(k, t).contiguous() for k, t in base.items()}, d / "model.safetensors",
+                  metadata={"format": "pt"})
+        out[name] = d
+    return out
+
+
+def _convert_rank(rank: int, world: int, tiny: str, root: str) -> dict:
+    from conftest import load_tool
+
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    main, r, errors = load_tool("convert").main, Path(root), {}
+    for name, src in _hf_variants(tiny, r).items():
+        try:
+            main(["hf-to-mcore", "--hf", str(src), "--out", str(r / f"{name}_mc")])
+            main(["mcore-to-hf", "--ckpt", str(r / f"{name}_mc"), "--out", str(r / f"{name}_hf")])
+        except Exception as e:  # noqa: BLE001 - the message is the result
+            errors[name] = f"{type(e).__name__}: {e}"
+    return errors
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_hf_dir, tmp_path_factory):
+    from megatron_rl.testing import run_distributed
+
+    root = tmp_path_factory.mktemp("conv")
+    return root, run_distributed(_convert_rank, 1, tiny_hf_dir, str(root))[0]
+
+
+def _read_hf(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("name", ["bf16", "mixed"])
+def test_conversion_keeps_every_dtype_byte_identical(converted, name):
+    root, errors = converted
+    assert name not in errors, errors[name]
+    want, got = _read_hf(root / name), _read_hf(root / f"{name}_hf")
+    assert set(got) == set(want)
+    for k, w in want.items():  # the input file is the reference
+        assert got[k].dtype == w.dtype, f"{k}: {got[k].dtype} vs {w.dtype}"
+        assert got[k].contiguous().view(torch.uint8).numpy().tobytes() == w.view(torch.uint8).numpy().tobytes(), k
+    if name == "mixed":
+        assert want["model.norm.weight"].dtype == torch.float16
+        assert want["model.layers.1.self_attn.o_proj.weight"].dtype == torch.bfloat16
+
+
+def test_conversion_refuses_a_fused_tensor_of_mixed_dtypes(converted):
+    root, errors = converted
+    msg = errors["fused_mixed"]
+    assert msg.startswith("CheckpointError") and "different dtypes" in msg, msg
+    assert "model.layers.0.self_attn.q_proj.weight torch.bfloat16" in msg
+    assert "model.layers.0.self_attn.k_proj.weight torch.float32" in msg
+    assert not (root / "fused_mixed_mc").exists()
+
+
+def test_killed_conversion_temp_dir_removed_by_next_run(converted, tmp_path):
+    """SIGKILL a real ``tools/convert.py mcore-to-hf`` once its temp dir exists; the next run
+    removes it (its pid is dead) but leaves a live process's temp dir and a dir without owner."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from megatron_rl.checkpoint.mcore_io import OWNER
+
+    root, _ = converted
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "hf_out"
+    cmd = [sys.executable, str(repo / "tools" / "convert.py"), "mcore-to-hf", "--ckpt", str(root / "mixed_mc"),
+           "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp = Path(f"{out}.tmp-{proc.pid}")
+    deadline = time.monotonic() + 300
+    while not (tmp / OWNER).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert tmp.is_dir() and not out.exists(), "the kill came too late to leave a temp dir"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        live_tmp = Path(f"{out}.tmp-{live.pid}")
+        live_tmp.mkdir()
+        (live_tmp / OWNER).write_text(f"{os.uname().nodename} {live.pid}\n")
+        no_owner = Path(f"{out}.tmp-999999999")
+        no_owner.mkdir()
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        assert not tmp.exists()  # the killed run's
+        assert live_tmp.is_dir() and no_owner.is_dir()  # a live writer's, an unknown writer's
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    finally:
+        live.kill()
+        live.wait()
+    assert _read_hf(out).keys() == _read_hf(root / "mixed").keys()

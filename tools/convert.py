@@ -14,8 +14,12 @@ tokenizer files copied to ``<out>/hf_meta/``). mcore-to-hf: ``load_model_checkpo
 (each at most --max-shard-size, except a single larger tensor) + ``model.safetensors.index.json``
 + config.json / tokenizer files from --hf-config or ``<ckpt>/hf_meta``.
 Both write into ``<out>.tmp-<pid>`` and rename when complete; an existing non-empty --out is
-refused unless --overwrite; a failure removes the temp dir. Parameters are built without
-initialisation (every one is then loaded) in the checkpoint's dtype, so conversion is lossless.
+refused unless --overwrite; a failure removes the temp dir, and the temp dirs of killed runs
+(their pid dead on this host) are removed by the next run. Parameters are built without
+initialisation and every one then takes its own tensor's dtype (HF safetensors -> dist
+checkpoint -> HF), so conversion is lossless: bf16, fp32 and mixed-dtype checkpoints come back
+byte-identical; a parameter fused from HF tensors of different dtypes (e.g. a bf16 q_proj with
+an fp32 k_proj) is refused, naming them, rather than cast.
 Left out: virtual pipeline stages, TE layer names, FP8 checkpoints.
 """
 
@@ -46,11 +50,18 @@ def parse_size(text: str) -> int:
 
 
 def _hf_dtype(hf_dir: str):
-    """dtype of the HF checkpoint's tensors (the first in the index / first file)."""
+    """The dtype holding most of the HF checkpoint's bytes: the model's ``params_dtype``
+    (every parameter then takes its own tensor's dtype, ``load_hf_weights(keep_dtype=True)``)."""
+    from collections import Counter
+
     from megatron_rl.checkpoint.safetensors_io import SafetensorsCheckpoint
 
     ckpt = SafetensorsCheckpoint(hf_dir)
-    return ckpt.meta(min(ckpt.keys())).dtype
+    size = Counter()
+    for k in ckpt.keys():
+        m = ckpt.meta(k)
+        size[m.dtype] += m.numel() * m.element_size()
+    return max(sorted(size, key=str), key=size.__getitem__)
 
 
 def _setup(args, hf_config: dict, dtype):
@@ -117,7 +128,7 @@ def hf_to_mcore(args) -> str:
     hf_config = load_hf_config(args.hf)
     model, owned = _setup(args, hf_config, _hf_dtype(args.hf))
     try:
-        _on_all_ranks(load_hf_weights, model, args.hf, hf_config)
+        _on_all_ranks(lambda: load_hf_weights(model, args.hf, hf_config, keep_dtype=True))
         return save_model_checkpoint(model, args.out, hf_config, overwrite=args.overwrite,
                                      hf_meta_from=args.hf)
     finally:
@@ -166,8 +177,8 @@ def mcore_to_hf(args) -> str:
     import torch
 
     from megatron_rl.checkpoint.export import iter_hf_tensors
-    from megatron_rl.checkpoint.mcore_io import (HF_META, check_out_dir, copy_hf_meta,
-                                                 load_model_checkpoint, read_hf_config,
+    from megatron_rl.checkpoint.mcore_io import (HF_META, OWNER, check_out_dir, copy_hf_meta,
+                                                 load_model_checkpoint, make_tmp_dir, read_hf_config,
                                                  read_params_dtype, replace_dir)
     from megatron_rl.models import load_hf_config
 
@@ -181,22 +192,21 @@ def mcore_to_hf(args) -> str:
                          f"pass --hf-config DIR")
     model, owned = _setup(args, hf_config, read_params_dtype(args.ckpt))
     try:
-        load_model_checkpoint(model, args.ckpt)
+        load_model_checkpoint(model, args.ckpt, keep_dtype=True)
         buckets = iter_hf_tensors(model, hf_config, fused_experts=args.fused_experts,
                                   bucket_bytes=min(max_shard, 512 * 2**20))
         if torch.distributed.get_rank() != 0:
             for _ in buckets:
                 pass
         else:
-            tmp = f"{out}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp, mode=0o755)
+            tmp = make_tmp_dir(out, os.getpid())
             try:
                 write_hf_shards(buckets, tmp, max_shard)
                 copied = copy_hf_meta(meta_dir, tmp) if os.path.isdir(meta_dir) else []
                 if "config.json" not in copied:
                     with open(os.path.join(tmp, "config.json"), "w") as f:
                         json.dump(hf_config, f, indent=2)
+                os.remove(os.path.join(tmp, OWNER))  # complete: the HF dir gets no extra file
                 replace_dir(tmp, out)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

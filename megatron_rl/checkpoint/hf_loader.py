@@ -34,7 +34,8 @@ class CheckpointError(ValueError):
         self.problems = problems
         titles = {"missing": "Megatron parameters with no HF source",
                   "unexpected": "HF keys never consumed (unexpected)",
-                  "shape": "shape mismatches"}
+                  "shape": "shape mismatches",
+                  "dtype": "one parameter fused from HF tensors of different dtypes"}
         lines = [f"HF checkpoint {where} does not fit the model:"]
         for cat, items in problems.items():
             lines.append(f"  {titles[cat]} ({len(items)}):")
@@ -162,8 +163,14 @@ def _plan(model, ckpt: SafetensorsCheckpoint, hf_config: dict):
 
 
 @torch.no_grad()
-def load_hf_weights(model, hf_dir: str | os.PathLike, hf_config: dict | None = None) -> int:
+def load_hf_weights(model, hf_dir: str | os.PathLike, hf_config: dict | None = None, *,
+                    keep_dtype: bool = False) -> int:
     """Copy an HF checkpoint into this rank's model chunk (every parameter exactly once).
+
+    By default each tensor is cast to its parameter's dtype (the trainer's choice). With
+    ``keep_dtype`` every parameter takes the dtype of its HF source instead (conversion: no cast
+    at all, so bf16 / mixed-dtype checkpoints round-trip byte for byte); a parameter fused from
+    sources of different dtypes is then refused (CheckpointError "dtype") before any copy.
 
     Args:
         model: this rank's GPTModel chunk (possibly DDP/Float16Module-wrapped), built for the
@@ -183,10 +190,18 @@ def load_hf_weights(model, hf_dir: str | os.PathLike, hf_config: dict | None = N
     hf_config = hf_config if hf_config is not None else load_hf_config(hf_dir)
     ckpt = SafetensorsCheckpoint(hf_dir)
     plan = _plan(model, ckpt, hf_config)
+    if keep_dtype:
+        mixed = [", ".join(f"{s} {ckpt.meta(s).dtype}" for s in sources) for _, _, sources, _, _ in plan
+                 if len({ckpt.meta(s).dtype for s in sources}) > 1]
+        if mixed:
+            raise CheckpointError(ckpt.dir, {"dtype": mixed})
     geo = _geometry(model.config)
     for param, rule, sources, rank, size in plan:
         local = _build(rule, [ckpt.get(s) for s in sources], geo, param.shape, rank, size)
-        param.data.copy_(local)
+        if keep_dtype:
+            param.data = local.to(param.device).clone()  # the source's dtype, own memory
+        else:
+            param.data.copy_(local)
     return len(plan)
 
 

@@ -10,7 +10,8 @@ Layout of ``out_dir``::
                                    tokenizer files (written by ``tools/convert.py hf-to-mcore``)
 
 Written to ``<out_dir>.tmp-<pid of rank 0>`` by all ranks, renamed by rank 0 after a barrier: a
-crash leaves no ``out_dir``. The checkpoint loads into any TP / PP / EP / ETP layout (sharded
+crash leaves no ``out_dir``, and the temp dirs of killed runs are removed by the next write
+(``remove_stale_tmp_dirs``: only when their writer's pid is dead on this host). The checkpoint loads into any TP / PP / EP / ETP layout (sharded
 tensors carry global offsets; the vocab padding may differ, Megatron's ``allow_shape_mismatch``).
 Left out: optimizer state (see ``megatron_rl.train.checkpointing`` for full training state).
 """
@@ -21,7 +22,9 @@ import contextlib
 import json
 import os
 import queue
+import re
 import shutil
+import socket
 
 import torch
 
@@ -61,6 +64,56 @@ def check_out_dir(out_dir: str, overwrite: bool) -> None:
         if not overwrite:
             raise FileExistsError(f"output directory {out_dir} exists and is not empty; "
                                   f"pass --overwrite (overwrite=True) to replace it")
+
+
+OWNER = ".owner"  # "<hostname> <pid>" of the process writing a ``<out>.tmp-<pid>`` dir
+
+
+def make_tmp_dir(out_dir: str, pid: int) -> str:
+    """Create ``<out_dir>.tmp-<pid>`` (empty) with its owner file, after removing the temp dirs
+    that killed runs left (``remove_stale_tmp_dirs``). Returns its path."""
+    remove_stale_tmp_dirs(out_dir)
+    tmp = f"{out_dir}.tmp-{pid}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp, mode=0o755)
+    with open(os.path.join(tmp, OWNER), "w") as f:
+        f.write(f"{socket.gethostname()} {pid}\n")
+    return tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_tmp_dirs(out_dir: str) -> list[str]:
+    """Remove ``<out_dir>.tmp-<pid>`` dirs whose writer is dead; returns the removed paths.
+
+    A temp dir is removed only when its owner file names this host and a pid that no longer
+    exists here. A live pid (the writer, or a later process reusing its pid), another host's
+    dir, or a dir without an owner file (written by an older version: its host is unknown) is
+    left alone, so a conversion running concurrently elsewhere never loses its output.
+    """
+    parent, base = os.path.split(os.path.abspath(out_dir))
+    removed = []
+    for name in os.listdir(parent or "."):
+        m = re.fullmatch(re.escape(base) + r"\.tmp-(\d+)", name)
+        path = os.path.join(parent, name)
+        if not m or not os.path.isdir(path):
+            continue
+        try:
+            host, pid = open(os.path.join(path, OWNER)).read().split()
+        except (OSError, ValueError):
+            continue
+        if host == socket.gethostname() and int(pid) == int(m.group(1)) and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def replace_dir(tmp: str, out_dir: str) -> None:
@@ -124,8 +177,7 @@ def save_model_checkpoint(model, out_dir: str, hf_config: dict, *, overwrite: bo
     tmp = f"{out_dir}.tmp-{_bcast(os.getpid())}"
     module = _unwrap(model)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        make_tmp_dir(out_dir, int(tmp.rsplit("-", 1)[1]))
     torch.distributed.barrier()
     try:
         sd = {"model": module.sharded_state_dict(), "hf_config": json.dumps(hf_config),
@@ -137,6 +189,7 @@ def save_model_checkpoint(model, out_dir: str, hf_config: dict, *, overwrite: bo
         if rank == 0:
             if hf_meta_from is not None:
                 copy_hf_meta(hf_meta_from, os.path.join(tmp, HF_META))
+            os.remove(os.path.join(tmp, OWNER))
             replace_dir(tmp, out_dir)
     except BaseException:
         if rank == 0:
@@ -171,10 +224,31 @@ def read_params_dtype(ckpt_dir: str, default: torch.dtype = torch.float32) -> to
     return getattr(torch, name) if name else default
 
 
+def _match_stored_dtypes(module, ckpt_dir: str) -> None:
+    """Cast each parameter of ``module`` to the dtype its tensor has in the checkpoint (matched
+    by the sharded tensor's global key, the parameter found by its storage)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from torch.distributed.checkpoint import FileSystemReader
+
+    # torch DCP's own metadata (megatron-core 0.19.2's load_tensors_metadata breaks on torch >= 2.10)
+    stored = FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata
+    params = {p.untyped_storage().data_ptr(): p for p in module.parameters()}
+    for sh in nested_values(module.sharded_state_dict()):
+        meta, data = stored.get(getattr(sh, "key", None)), getattr(sh, "data", None)
+        dtype = getattr(getattr(meta, "properties", None), "dtype", None)
+        if dtype is None or data is None or dtype == data.dtype:
+            continue
+        p = params.get(data.untyped_storage().data_ptr())
+        if p is not None:
+            p.data = p.data.to(dtype)
+
+
 @torch.no_grad()
-def load_model_checkpoint(model, ckpt_dir: str) -> dict | None:
+def load_model_checkpoint(model, ckpt_dir: str, *, keep_dtype: bool = False) -> dict | None:
     """Load a dist checkpoint's "model" weights into this rank's chunk, any layout. Collective.
 
+    keep_dtype: first give every parameter the dtype its tensor was saved in (conversion, so a
+    bf16 or mixed-dtype checkpoint is exported unchanged); else the model's dtypes are kept.
     Returns the stored HF config dict (None if absent). Raises FileNotFoundError (not a dist
     checkpoint) or megatron's CheckpointingException (missing keys / global shape mismatch,
     each naming the tensor)."""
@@ -182,6 +256,8 @@ def load_model_checkpoint(model, ckpt_dir: str) -> dict | None:
 
     hf_config = read_hf_config(ckpt_dir)
     module = _unwrap(model)
+    if keep_dtype:
+        _match_stored_dtypes(module, ckpt_dir)
     loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, ckpt_dir)
     module.load_state_dict(loaded["model"])
     return hf_config
