@@ -275,3 +275,111 @@ def test_killed_conversion_temp_dir_removed_by_next_run(converted, tmp_path):
         live.kill()
         live.wait()
     assert _read_hf(out).keys() == _read_hf(root / "mixed").keys()
+
+
+# -- checkpoints: manifest verified on resume, fallback, disk full --------------------------------
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    from megatron_rl.data.jsonl import write_jsonl_atomic
+    from megatron_rl.data.synthetic import generate
+
+    d = tmp_path_factory.mktemp("sftdata")
+    write_jsonl_atomic(d / "train.jsonl", generate("id", 40, seed=11))
+    return d / "train.jsonl"
+
+
+def _sft_argv(hf: str, data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["--hf", hf, "--train-data", str(data), "--out", str(out), "--seq-length", "128",
+            "--micro-batch-size", "1", "--global-batch-size", "2", "--train-steps", str(steps),
+            "--save-interval", "1", "--lr-warmup-steps", "0", "--seed", "3", *extra]
+
+
+def _rows(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]  # every row whole JSON
+
+
+def test_damaged_checkpoint_refused_then_fallback_resumes_exactly(tiny_hf_dir, sft_data, tmp_path):
+    from megatron_rl.testing import run_distributed
+    from megatron_rl.train.ckpt_integrity import verify_manifest
+
+    from _fault_runs import sft_attempts
+
+    out = tmp_path / "run"
+    ck = out / "checkpoints"
+    it = {s: ck / f"iter_{s:07d}" for s in (1, 2, 3)}
+    res = run_distributed(sft_attempts, 1, [
+        ([], _sft_argv(tiny_hf_dir, sft_data, out, 3)),  # the uninterrupted run: 3 checkpoints
+        ([("copy", out / "metrics.jsonl", tmp_path / "ref.jsonl"), ("zero", it[3] / "__0_0.distcp", 4096),
+          ("truncate", it[3] / "rng" / "rank0.pt")], _sft_argv(tiny_hf_dir, sft_data, out, 4)),
+        ([("copy", out / "metrics.jsonl", tmp_path / "after_refusal.jsonl"), ("truncate", it[2] / "__0_0.distcp")],
+         _sft_argv(tiny_hf_dir, sft_data, out, 3, "--resume-fallback")),
+    ])[0]
+    assert res[0] is None and res[2] is None, res
+    err = res[1]
+    assert err.startswith("CheckpointCorruptError") and "--resume-fallback" in err, err
+    assert f"{it[3] / '__0_0.distcp'}: contents changed" in err
+    assert f"{it[3] / 'rng' / 'rank0.pt'}: truncated" in err
+    # the refused resume wrote nothing: metrics unchanged
+    assert (tmp_path / "after_refusal.jsonl").read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+    # the fallback skipped iter 3 (altered) and 2 (truncated), resumed from 1 and re-ran 2..3
+    # exactly as the uninterrupted run did; each step has one whole metrics row
+    ref = {r["step"]: r["train/loss"] for r in _rows(tmp_path / "ref.jsonl")}
+    got = _rows(out / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert {r["step"]: r["train/loss"] for r in got} == ref
+    for s in (1, 2, 3):  # re-saved checkpoints are intact
+        verify_manifest(str(it[s]))
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    import subprocess
+
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                       text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}): the disk-full test needs root")
+
+
+def test_disk_full_save_says_so_and_keeps_previous_checkpoint(tiny_hf_dir, sft_data, tmp_path):
+    """Real full file systems (tmpfs): 20 MB < one checkpoint (31 MB) fails mid-write; 48 MB holds
+    one checkpoint and refuses the second up front. The previous checkpoint stays loadable."""
+    import shutil
+    import subprocess
+
+    from megatron_rl.testing import run_distributed
+    from megatron_rl.train.ckpt_integrity import verify_manifest
+
+    from _fault_runs import sft_attempts
+
+    small, big = tmp_path / "small", tmp_path / "big"
+    _mount_tmpfs(small, "20m")
+    try:
+        _mount_tmpfs(big, "48m")
+        try:
+            res = run_distributed(sft_attempts, 1, [
+                ([], _sft_argv(tiny_hf_dir, sft_data, small / "run", 1)),
+                ([], _sft_argv(tiny_hf_dir, sft_data, big / "run", 1)),
+                ([], _sft_argv(tiny_hf_dir, sft_data, big / "run", 2)),
+                ([], _sft_argv(tiny_hf_dir, sft_data, big / "run", 1)),  # resume from iter 1: loads it
+            ])[0]
+            ck_small, ck_big = small / "run" / "checkpoints", big / "run" / "checkpoints"
+            assert res[0].startswith("CheckpointSaveError: no space left on device while saving checkpoint "
+                                     f"{ck_small / 'iter_0000001'}"), res[0]
+            assert not (ck_small / "iter_0000001.tmp").exists() and not (ck_small / "iter_0000001").exists()
+            assert shutil.disk_usage(small).free > 15 << 20  # the temp dir's space was given back
+            assert [r["step"] for r in _rows(small / "run" / "metrics.jsonl")] == [1]
+            assert res[1] is None and res[3] is None, res
+            assert res[2].startswith(f"CheckpointSaveError: no space left on device for a checkpoint under {ck_big}")
+            assert sorted(p.name for p in ck_big.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
+            assert (ck_big / "latest_checkpointed_iteration.txt").read_text() == "1"
+            verify_manifest(str(ck_big / "iter_0000001"))
+            # step 2's row went with its unsaved state: the resume from step 1 truncates rows > 1
+            assert [r["step"] for r in _rows(big / "run" / "metrics.jsonl")] == [1]
+        finally:
+            subprocess.run(["umount", str(big)], check=False)
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

@@ -6,9 +6,13 @@ Layout under ``<run>/checkpoints/``::
     iter_0000100/rng/rank<r>.pt   per-rank RNG states (CPU, CUDA if present, Megatron tracker)
     latest_checkpointed_iteration.txt   written last, atomically: the resume pointer
 
-A checkpoint is first written to ``iter_XXXXXXX.tmp`` by all ranks and renamed by rank 0 after a
-barrier, then the pointer is replaced; a job killed mid-save leaves the previous checkpoint and
-pointer intact (the stale ``.tmp`` is removed on the next save). The checkpoint loads into any
+    iter_0000100/MANIFEST.json    every file's size + SHA-256, written last (``ckpt_integrity``)
+
+A checkpoint is first written to ``iter_XXXXXXX.tmp`` by all ranks, gets its manifest, and is
+renamed by rank 0 after a barrier, then the pointer is replaced; a job killed mid-save leaves the
+previous checkpoint and pointer intact (the stale ``.tmp`` is removed on the next save). Resume
+verifies the manifest and refuses a damaged checkpoint naming the file (``--resume-fallback``:
+take the newest intact one instead); a failed save (e.g. disk full) removes its temp dir. The checkpoint loads into any
 parallel layout (fully reshardable optimizer state).
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -89,38 +94,80 @@ def _set_adam_step(optimizer, step: int) -> None:
                               if torch.is_tensor(old) else step)
 
 
+def _on_rank0(fn) -> None:
+    """Run ``fn`` on rank 0; if it raises, raise it (rank 0) / a RuntimeError with its message
+    (other ranks) everywhere, so no rank walks into the next collective alone."""
+    err = None
+    if torch.distributed.get_rank() == 0:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            err = e
+    box = [None if err is None else f"{type(err).__name__}: {err}"]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if err is not None:
+        raise err
+    if box[0] is not None:
+        raise RuntimeError(f"rank 0: {box[0]}")
+
+
 def save_checkpoint(ckpt_root: str, step: int, tr, extra: dict) -> str:
     """Save model, optimizer, scheduler, RNG and ``extra`` (JSON-able: data cursor, ...) at
-    ``step``. Collective: every rank must call it. Returns the final checkpoint directory."""
+    ``step``, then its ``MANIFEST.json`` (sizes + SHA-256, ``ckpt_integrity``), then rename it into
+    place and move the pointer. Collective: every rank must call it. Returns the final directory.
+
+    Raises ``CheckpointSaveError`` naming the path and the cause ("no space left on device" when
+    the file system is full, checked up front against the previous checkpoint's size and again
+    after a failed write); the temp dir is removed and the previous checkpoint and pointer are
+    untouched."""
     from megatron.core import dist_checkpointing
+
+    from megatron_rl.checkpoint.mcore_io import in_process_write_queue
+    from megatron_rl.train.ckpt_integrity import check_free_space, save_error, write_manifest
 
     rank = torch.distributed.get_rank()
     final = os.path.join(ckpt_root, f"iter_{step:07d}")
     tmp = final + ".tmp"
-    if rank == 0:
-        os.makedirs(ckpt_root, exist_ok=True)
-        for d in (tmp, final):
-            if os.path.exists(d):
-                shutil.rmtree(d)
-        os.makedirs(tmp)
-    torch.distributed.barrier()
-    sd = _sharded(tr, is_loading=False)
-    sd["scheduler"] = tr.scheduler.state_dict()
-    sd["trainer_state"] = json.dumps({"step": step, "adam_step": _adam_step(tr.optimizer),
-                                      **extra})
-    from megatron_rl.checkpoint.mcore_io import in_process_write_queue
 
-    with in_process_write_queue():  # no spawned manager process per save (seconds on CPU)
-        dist_checkpointing.save(sd, tmp)
-    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank}.pt"))
+    def prepare():
+        os.makedirs(ckpt_root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed save's leftovers
+        prev = latest_step(ckpt_root)
+        check_free_space(ckpt_root, None if prev is None else os.path.join(ckpt_root, f"iter_{prev:07d}"))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.makedirs(tmp)
+
+    _on_rank0(prepare)
     torch.distributed.barrier()
-    if rank == 0:
-        os.replace(tmp, final)
-        tracker_tmp = os.path.join(ckpt_root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(step))
-        os.replace(tracker_tmp, os.path.join(ckpt_root, TRACKER))
+    try:
+        sd = _sharded(tr, is_loading=False)
+        sd["scheduler"] = tr.scheduler.state_dict()
+        sd["trainer_state"] = json.dumps({"step": step, "adam_step": _adam_step(tr.optimizer),
+                                          **extra})
+        with in_process_write_queue():  # no spawned manager process per save (seconds on CPU)
+            dist_checkpointing.save(sd, tmp)
+        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+        torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank}.pt"))
+        torch.distributed.barrier()
+        write_manifest(tmp)  # last file of the checkpoint, by atomic rename
+        torch.distributed.barrier()
+        if rank == 0:
+            os.replace(tmp, final)
+            tracker_tmp = os.path.join(ckpt_root, TRACKER + ".tmp")
+            with open(tracker_tmp, "w") as f:
+                f.write(str(step))
+            os.replace(tracker_tmp, os.path.join(ckpt_root, TRACKER))
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        if rank != 0:
+            raise
+        err = save_error(e, tmp, final)  # before the removal frees the space
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(os.path.join(ckpt_root, TRACKER + ".tmp")):
+            os.remove(os.path.join(ckpt_root, TRACKER + ".tmp"))
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise err from e
     torch.distributed.barrier()
     return final
 
@@ -138,19 +185,51 @@ def latest_step(ckpt_root: str) -> int | None:
     return int(text)
 
 
-def load_checkpoint(ckpt_root: str, tr, step: int | None = None) -> dict | None:
-    """Load the checkpoint at ``step`` (default: latest) into ``tr`` in place.
+def _intact(ckpt_root: str, step: int, fallback: bool) -> str:
+    """The dir of checkpoint ``step`` after ``verify_manifest``; with ``fallback``, a damaged one
+    is skipped (with a warning) for the newest older intact ``iter_*``. Raises
+    CheckpointCorruptError naming the damaged file (and, without fallback, the flag)."""
+    from megatron_rl.train.ckpt_integrity import CheckpointCorruptError, verify_manifest
 
+    path = os.path.join(ckpt_root, f"iter_{step:07d}")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path} (from {ckpt_root}/{TRACKER}) is missing")
+    try:
+        verify_manifest(path)
+        return path
+    except CheckpointCorruptError as e:
+        if not fallback:
+            raise CheckpointCorruptError(f"{e}. Refusing to resume from it; pass --resume-fallback to "
+                                         f"resume from the newest intact checkpoint instead") from e
+        first = e
+    older = sorted((int(n[5:]) for n in os.listdir(ckpt_root) if re.fullmatch(r"iter_\d{7}", n)), reverse=True)
+    for s in [s for s in older if s < step]:
+        cand = os.path.join(ckpt_root, f"iter_{s:07d}")
+        try:
+            verify_manifest(cand)
+        except CheckpointCorruptError as e:
+            print(f"[checkpoint] skipping damaged {cand}: {e}", flush=True)
+            continue
+        print(f"[checkpoint] --resume-fallback: {first}; resuming from {cand} instead", flush=True)
+        return cand
+    raise CheckpointCorruptError(f"{first}; --resume-fallback found no intact older checkpoint under {ckpt_root}")
+
+
+def load_checkpoint(ckpt_root: str, tr, step: int | None = None, *, fallback: bool = False) -> dict | None:
+    """Load the checkpoint at ``step`` (default: latest) into ``tr`` in place, after checking
+    every file against its manifest (``ckpt_integrity.verify_manifest``).
+
+    fallback: when that checkpoint is damaged, load the newest older intact one instead (the
+        CLI's ``--resume-fallback``); its ``step`` is returned, and the run continues from it.
     Returns the ``extra`` dict saved with it (plus ``step``), or None when there is nothing to
-    resume. Raises FileNotFoundError if the pointer names a missing directory."""
+    resume. Raises FileNotFoundError if the pointer names a missing directory,
+    ``CheckpointCorruptError`` naming the damaged file (missing, truncated or altered)."""
     from megatron.core import dist_checkpointing
 
     step = latest_step(ckpt_root) if step is None else step
     if step is None:
         return None
-    path = os.path.join(ckpt_root, f"iter_{step:07d}")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path} (from {ckpt_root}/{TRACKER}) is missing")
+    path = _intact(ckpt_root, step, fallback)
     _ensure_adam_state(tr.optimizer)
     sd = _sharded(tr, is_loading=True)
     sd["scheduler"] = None

@@ -557,7 +557,7 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
         balance = LoadBalance(mode=cfg.lbl_mode, alpha=cfg.lbl_alpha, bias_update_rate=cfg.expert_bias_rate)
         balance.check(tr)  # refuse e.g. a frozen router with the LBL on, before any rollout
     root = os.path.join(args.out, "checkpoints")
-    state = None if args.no_resume else ckpt.load_checkpoint(root, tr)
+    state = None if args.no_resume else ckpt.load_checkpoint(root, tr, fallback=args.resume_fallback)
     step = 0 if state is None else state["step"]
     log = MetricsLogger(args.out, enabled=rank0, resume_step=step)
     eot = end_of_turn_id(tok)

@@ -54,6 +54,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--out", required=True, help="run directory")
     r.add_argument("--save-interval", type=int, default=0, help="0: only at the end")
     r.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
+    r.add_argument("--resume-fallback", action="store_true",
+                   help="if the latest checkpoint fails its manifest check, resume from the newest intact one")
 
 
 def check_optim_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -157,7 +159,7 @@ def main(argv=None) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stream = PackedRowStream(samples, args.seq_length, args.seed, pad_id)
     ckpt_root = os.path.join(args.out, "checkpoints")
-    state = None if args.no_resume else ckpt.load_checkpoint(ckpt_root, tr)
+    state = None if args.no_resume else ckpt.load_checkpoint(ckpt_root, tr, fallback=args.resume_fallback)
     step = 0
     if state is not None:
         step = state["step"]

@@ -1,0 +1,43 @@
+"""Workers for tests/test_faults.py: SFT runs (the cheapest loop that saves full training
+checkpoints) inside a spawned rank; a failing run returns its error instead of raising, so one
+launch can try several faults in turn."""
+
+from __future__ import annotations
+
+
+def damage(action: tuple) -> None:
+    """Real file damage: ("zero", path, nbytes) zeroes nbytes in the middle of the file,
+    ("truncate", path) cuts it to half, ("copy", src, dst) copies a file."""
+    import os
+    import shutil
+
+    kind, path = action[0], action[1]
+    if kind == "zero":
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            f.write(b"\0" * action[2])
+    elif kind == "truncate":
+        os.truncate(path, os.path.getsize(path) // 2)
+    elif kind == "copy":
+        shutil.copy(path, action[2])
+    else:
+        raise ValueError(kind)
+
+
+def sft_attempts(rank: int, world: int, attempts: list[tuple[list[tuple], list[str]]]) -> list[str | None]:
+    """For each (damage actions, argv): apply the actions, run ``sft.main(argv)``; returns None or
+    "Type: message" per run."""
+    from megatron_rl.parallel import destroy_parallel
+    from megatron_rl.train.sft import main
+
+    out = []
+    for actions, argv in attempts:
+        for a in actions:
+            damage(a)
+        try:
+            main(argv)
+            out.append(None)
+        except Exception as e:  # noqa: BLE001 - the message is the result
+            out.append(f"{type(e).__name__}: {e}")
+            destroy_parallel()
+    return out
