@@ -154,14 +154,16 @@ class SGLangClient:
 
     def __init__(self, urls: Sequence[str] = (), *, router_url: str | None = None, max_concurrency: int = 64,
                  timeout_s: float = 600.0, retries: int = 2, engine_kind: EngineKind = "embedded",
-                 routed_experts_layout: tuple[int, int] | None = None):
+                 routed_experts_layout: tuple[int, int] | None = None, drop_failed_engines: bool = False):
         if not urls and not router_url:
             raise ValueError("SGLangClient needs engine urls and/or a router_url")
         self.urls = [u.rstrip("/") for u in urls]
         self.router_url = router_url.rstrip("/") if router_url else None
         self.max_concurrency, self.timeout_s, self.retries = max_concurrency, timeout_s, retries
         self.engine_kind, self.routed_experts_layout = engine_kind, routed_experts_layout
+        self.drop_failed_engines = drop_failed_engines
         self.dead_engines: list[str] = []
+        self.router_dead = False
         self.n_retried = 0
         self._rr = itertools.count()
         self._session: aiohttp.ClientSession | None = None
@@ -210,9 +212,22 @@ class SGLangClient:
         return [u for u in self.urls if u not in self.dead_engines]
 
     def _mark_dead(self, url: str, why: str) -> None:
-        if url != self.router_url and url not in self.dead_engines:
+        if url == self.router_url:
+            if not self.router_dead:
+                log.warning("router %s failed (%s): balancing over the engines directly", url, why)
+            self.router_dead = True
+        elif url not in self.dead_engines:
             log.warning("engine %s marked dead: %s", url, why)
             self.dead_engines.append(url)
+
+    def mark_dead(self, url: str, why: str = "marked by the caller") -> None:
+        """Leave engine ``url`` out of generation and control calls (e.g. its process exited)."""
+        self._mark_dead(url, why)
+
+    def revive(self, url: str) -> None:
+        """Put a restarted engine back into generation and control calls."""
+        if url in self.dead_engines:
+            self.dead_engines.remove(url)
 
     # ------------------------------------------------------------ generation
     async def generate(self, input_ids: Sequence[int], sampling: SamplingParams, *, return_logprob: bool = True,
@@ -252,17 +267,32 @@ class SGLangClient:
         raise AllEnginesFailedError(f"request {rid} failed on {sorted(tried)}: {errors}")
 
     def _pick(self, tried: set[str]) -> str | None:
-        if self.router_url:
+        if self.router_url and not self.router_dead:
             return self.router_url
         live = [u for u in self._live() if u not in tried] or None
         return None if live is None else live[next(self._rr) % len(live)]
 
     # ------------------------------------------------------------ control (every live engine)
     async def _broadcast(self, method: str, path: str, payload: dict | None = None) -> list[Any]:
+        """One call per live engine. With ``drop_failed_engines``, an engine whose call fails
+        (connection error, timeout, 5xx) is marked dead and left out of the result (and of later
+        calls); AllEnginesFailedError when none is left. Otherwise the first failure raises."""
         targets = self._live()
         if not targets:
             raise AllEnginesFailedError(f"{path}: no live engine (dead: {self.dead_engines})")
-        return await asyncio.gather(*(self._request(method, f"{u}{path}", payload) for u in targets))
+        res = await asyncio.gather(*(self._request(method, f"{u}{path}", payload) for u in targets),
+                                   return_exceptions=True)
+        out = []
+        for u, r in zip(targets, res):
+            if isinstance(r, _EngineFailure) and self.drop_failed_engines:
+                self._mark_dead(u, str(r))
+            elif isinstance(r, BaseException):
+                raise r
+            else:
+                out.append(r)
+        if not out:
+            raise AllEnginesFailedError(f"{path}: every engine failed (dead: {self.dead_engines})")
+        return out
 
     async def health(self) -> dict[str, bool]:
         """{url: healthy} for every engine in `urls` (and the router): GET /health answered 200."""
@@ -370,7 +400,7 @@ class SGLangClient:
     async def weight_versions(self) -> dict[str, str | None]:
         """{url: weight_version} from /get_server_info of every live engine."""
         infos = await self.server_info()
-        return {u: i.get("weight_version") for u, i in zip(self._live(), infos)}
+        return {u: i.get("weight_version") for u, i in zip(self._live(), infos)}  # dropped ones left _live()
 
 
 def _sglang_flattened_payload(named_tensors: dict, tp_size: int) -> list[str]:

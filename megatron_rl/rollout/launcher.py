@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,9 +159,48 @@ class EngineLauncher:
             raise
         return self
 
+    def restart_engine(self, index: int) -> str:
+        """Start engine ``index`` again (same command, port and env; its log is appended to) after
+        its process exited, and wait until /health answers. Returns its URL. Raises
+        EngineLaunchError (with the log tail) when it exits again or stays unhealthy."""
+        old = self.engines[index]
+        if old.popen.poll() is None:
+            raise RuntimeError(f"{old.name} ({old.url}) is still running")
+        if old._log is not None:
+            old._log.close()
+        port = int(old.url.rsplit(":", 1)[1])
+        env = self.cfg.engine_env[index] if self.cfg.engine_env else {}
+        self.engines[index] = p = self._spawn(old.name, self.engine_command(port), port, env)
+        self._wait_healthy(p)
+        return p.url
+
+    def restart_router(self, worker_urls: Sequence[str]) -> str:
+        """Start the router again on its port with ``worker_urls`` (the engines that hold the
+        current weights) and wait until it is healthy and lists them. Returns its URL."""
+        old = self.router
+        if old is None:
+            raise RuntimeError("this launcher runs no router")
+        _signal_group(old.popen, signal.SIGKILL)
+        old.popen.wait()
+        if old._log is not None:
+            old._log.close()
+        port = int(old.url.rsplit(":", 1)[1])
+        cmd = self.router_command(port)
+        i = cmd.index("--worker-urls")
+        cmd[i + 1: i + 1 + len(self.engines)] = list(worker_urls)
+        self.router = self._spawn("router", cmd, port, {})
+        self._wait_healthy(self.router)
+        self._wait_router_workers(len(worker_urls))
+        return self.router.url
+
+    def remove_worker(self, url: str) -> None:
+        """Best effort: take ``url`` off the router (DELETE /workers/{url}); a no-op without router."""
+        if self.router is not None:
+            http("DELETE", f"{self.router_url}/workers/{urllib.parse.quote(url, safe='')}")
+
     def _spawn(self, name: str, cmd: list[str], port: int, env: dict[str, str]) -> _Proc:
         log_path = self.log_dir / f"{name}.log"
-        f = open(log_path, "wb")
+        f = open(log_path, "ab")  # a restarted process appends to the log of the one before
         popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                  env={**os.environ, **env}, preexec_fn=_die_with_parent)
         return _Proc(name, f"http://{self.cfg.host}:{port}", popen, log_path, f)

@@ -75,12 +75,18 @@ class WeightSync:
         group_name, backend: "distributed" only: SGLang's group name; "nccl" | "gloo" (default:
             "nccl" with CUDA, else "gloo").
         group_timeout_s: "distributed" only: rendezvous and per-collective timeout.
+        supervisor: dst only, optional ``EngineSupervisor``: dead engines are restarted before each
+            sync and get this sync's weights before they rejoin the router (with a client built
+            with ``drop_failed_engines=True``, an engine dying mid-sync is left out instead of
+            failing the sync); adds rollout/engine_restarts, rollout/dead_engines,
+            rollout/router_restarts to the metrics.
     """
 
     def __init__(self, client, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, mode: SyncMode = "tensor",
                  dst: int = 0, pause_mode: str = "in_place", disk_dir: str | None = None,
                  master_address: str = "127.0.0.1", master_port: int = 0,
-                 group_name: str = DEFAULT_GROUP_NAME, backend: str | None = None, group_timeout_s: float = 120.0):
+                 group_name: str = DEFAULT_GROUP_NAME, backend: str | None = None, group_timeout_s: float = 120.0,
+                 supervisor=None):
         if mode not in ("tensor", "disk", "distributed"):
             raise ValueError(f"mode must be 'tensor' | 'disk' | 'distributed', got {mode!r}")
         if bucket_bytes < 1:
@@ -91,6 +97,9 @@ class WeightSync:
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.group_timeout_s = group_timeout_s
         self.group: UpdateGroup | None = None  # dst only, "distributed" only
+        self.supervisor = supervisor  # dst only: rollout.supervisor.EngineSupervisor (restarts engines)
+        self.version: int | None = None  # the last version pushed successfully (every rank)
+        self._group_urls: list[str] = []  # "distributed": the engines in the current group
 
     # ------------------------------------------------------------------ public
     def sync(self, model, hf_config: dict, version: int) -> dict[str, float]:
@@ -114,14 +123,14 @@ class WeightSync:
         if rank != self.dst:
             for _ in buckets:  # collectives only; yields nothing off dst
                 pass
-            return self._share(None)
+            return self._share(None, version)
         loop = asyncio.new_event_loop()
         try:
             outcome = self._sync_on_dst(loop, buckets, hf_config, str(version))
         finally:
             loop.run_until_complete(self.client.close())
             loop.close()
-        return self._share(outcome)
+        return self._share(outcome, version)
 
     def check_versions(self, version: int | str) -> dict[str, str | None]:
         """Blocking (any process): every engine's weight_version must be ``str(version)``.
@@ -142,11 +151,16 @@ class WeightSync:
         error: BaseException | None = None
         n_buckets = n_bytes = 0
         tmp = None
+        supervised = {}
         try:
+            if self.supervisor is not None:  # restart dead engines: this sync gives them the weights
+                supervised = self.supervisor.before_sync(self.client)
             run(self.client.pause_generation(self.pause_mode))
             run(self.client.flush_cache())
             if self.mode == "disk":
                 tmp = self.disk_dir or tempfile.mkdtemp(prefix="weight_sync_")
+            if self.mode == "distributed" and self.group is not None and self._group_urls != self.client.live_urls:
+                self._drop_group(loop)  # an engine died or was restarted: a fresh group of the live ones
             if self.mode == "distributed" and self.group is None:
                 self._init_group(loop)
         except Exception as e:  # noqa: BLE001 - drained below, reported on every rank
@@ -182,9 +196,14 @@ class WeightSync:
             if self.mode == "distributed":
                 self._drop_group(loop)  # unknown state: the next sync builds a fresh group
             return error
+        if self.supervisor is not None:
+            try:  # the restarted engines hold this version now: back on the router
+                supervised |= self.supervisor.after_sync(self.client)
+            except Exception as e:  # noqa: BLE001 - reported on every rank
+                return e
         dt = time.perf_counter() - t0
         return {"perf/sync_time_s": dt, "perf/sync_gb_per_s": n_bytes / 1e9 / max(dt, 1e-9),
-                "sync/num_buckets": float(n_buckets), "sync/bytes": float(n_bytes)}
+                "sync/num_buckets": float(n_buckets), "sync/bytes": float(n_bytes), **supervised}
 
     # ------------------------------------------------------------------ "distributed" mode (dst)
     def destroy_group(self) -> None:
@@ -205,7 +224,7 @@ class WeightSync:
         http = self.client.init_weights_update_group(self.master_address, port, world,
                                                      group_name=self.group_name, backend=self.backend)
         group, _ = loop.run_until_complete(_gather_both(join, http))
-        self.group = group
+        self.group, self._group_urls = group, list(self.client.live_urls)
 
     def _push_distributed(self, loop, bucket: dict[str, torch.Tensor], version: str) -> None:
         """One bucket: announce it over HTTP and broadcast its tensors (in order) concurrently."""
@@ -243,8 +262,9 @@ class WeightSync:
                 + ", ".join(f"{u} has {v!r}" for u, v in stale.items()))
         return got
 
-    def _share(self, outcome) -> dict[str, float]:
-        """Broadcast dst's outcome (metrics or exception) to every rank; raise it everywhere."""
+    def _share(self, outcome, version: int) -> dict[str, float]:
+        """Broadcast dst's outcome (metrics or exception) to every rank; raise it everywhere;
+        on success record ``version`` as ``self.version``."""
         box = [None if outcome is None else
                (type(outcome).__name__, str(outcome)) if isinstance(outcome, BaseException) else outcome]
         if torch.distributed.get_world_size() > 1:
@@ -255,6 +275,7 @@ class WeightSync:
             if kind == WeightVersionMismatchError.__name__:
                 raise WeightVersionMismatchError(msg)
             raise WeightSyncError(f"weight sync failed on rank {self.dst}: {kind}: {msg}")
+        self.version = version
         return val
 
 

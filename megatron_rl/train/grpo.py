@@ -151,6 +151,7 @@ def rl_step(tr: Trainer, cfg: RLConfig, ctx: StepContext, batch: StepBatch, *, s
     ctx.producer.drain()
     sync = ctx.weights.sync(tr.model, tr.hf_config, version=step)
     metrics["perf/sync_time_s"] = sync["perf/sync_time_s"]
+    metrics.update({k: v for k, v in sync.items() if k.startswith("rollout/")})  # engine restarts
     # 7. throughput
     metrics["perf/step_time_s"] = dt = time.perf_counter() - t_step + metrics.get("perf/produce_time_s", 0.0)
     metrics["perf/tokens_per_s"] = sum(len(s.prompt_ids) + len(s.output_ids) for s in samples) / dt
@@ -578,7 +579,10 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
                              verifier=verifier, stop_token_ids=() if eot is None else (eot,),
                              return_routed_experts=wants_routes,
                              routed_experts_layout=_route_layout(tr.config) if wants_routes else None)
-        weights = WeightSync(SGLangClient(launcher.engine_urls) if launcher else None)
+        from megatron_rl.rollout.supervisor import EngineSupervisor  # restarts dead engines at each sync
+
+        weights = WeightSync(SGLangClient(launcher.engine_urls, drop_failed_engines=True) if launcher else None,
+                             supervisor=EngineSupervisor(launcher) if launcher else None)
         weights.sync(tr.model, tr.hf_config, version=step)  # engines start from the (resumed) policy
         eval_temperature = cfg.temperature if cfg.eval_temperature is None else cfg.eval_temperature
         eval_sampling = SamplingParams(temperature=eval_temperature, top_p=cfg.top_p,
@@ -596,6 +600,7 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
                                    async_one_step_off=cfg.async_one_step_off)
         if state is not None:
             producer.load_state_dict(state["rollout"])
+        producer.recover = lambda: weights.sync(tr.model, tr.hf_config, version=weights.version)  # all engines died
         ctx = StepContext(weights=weights, producer=producer, pad_id=pad_id, ref_model=ref_model,
                           demo=demo if cfg.hpt_gamma is not None else None, balance=balance)
         steps_here = 0

@@ -164,7 +164,16 @@ class RolloutProducer:
 
     # -- driver ----------------------------------------------------------------------------------
     def _produce(self, step: int) -> StepBatch:
-        """Generate + score (+ filter) the batch of ``step`` (driver only)."""
+        """Generate + score (+ filter) the batch of ``step`` (driver only). On any error the
+        prompt cursor is put back, so a retried step draws the same prompts."""
+        cursor = self.stream.state_dict()
+        try:
+            return self._produce_once(step)
+        except BaseException:
+            self.stream.load_state_dict(cursor)
+            raise
+
+    def _produce_once(self, step: int) -> StepBatch:
         t0 = time.perf_counter()
         kept: list[tuple[dict, list[Sample]]] = []
         dropped: list[tuple[dict, list[Sample]]] = []
@@ -198,30 +207,64 @@ class RolloutProducer:
         return self.svc.generate_and_score(prompts, [r["label"] for r in rows], self.n, sampling, tag)
 
     # -- collective ------------------------------------------------------------------------------
+    recover = None  # collective callable: restart dead engines + push the current weights (grpo sets it)
+    max_recoveries = 3
+
     def get(self, step: int, *, last_step: int) -> StepBatch:
         """The batch of ``step`` on every rank (collective). With one-step-off, the batch was
         started during the previous step (from the policy one version older) and the batch of
-        ``step + 1`` (if <= ``last_step``) is started here, before training."""
-        batch = None
-        if self.svc.is_driver:
-            if self._pending is not None:
-                pstep, pend = self._pending
-                if pstep != step:
-                    raise RuntimeError(f"rollout buffer holds step {pstep}'s batch, step {step} asked")
-                batch = pend.result() if isinstance(pend, Future) else pend
-                self._pending = None
-            else:
-                batch = self._produce(step)
-            if self.async_ and step + 1 <= last_step:
-                # from here until drain() the thread owns the prompt stream: nothing else reads it
-                self._pending = (step + 1, self._pool.submit(self._produce, step + 1))
-        return broadcast_from_driver(batch)
+        ``step + 1`` (if <= ``last_step``) is started here, before training.
+
+        When every engine has died (``AllEnginesFailedError``), all ranks call ``recover`` (which
+        restarts the engines and syncs the current weights, or raises naming them) and the step's
+        rollout is produced again from the same prompts, up to ``max_recoveries`` times. Any
+        error on the driver is raised on every rank (no rank is left waiting in a collective)."""
+        from megatron_rl.rollout.client import AllEnginesFailedError
+
+        for attempt in range(self.max_recoveries + 1):
+            batch, err = None, None
+            if self.svc.is_driver:
+                try:
+                    batch = self._take(step, last_step)
+                except Exception as e:  # noqa: BLE001 - shared below, re-raised on every rank
+                    err = e
+            kind = broadcast_from_driver(None if err is None else (type(err).__name__, str(err)))
+            if kind is None:
+                return broadcast_from_driver(batch)
+            if kind[0] != AllEnginesFailedError.__name__ or self.recover is None or attempt == self.max_recoveries:
+                if err is not None:
+                    raise err
+                raise RuntimeError(f"rollout of step {step} failed on the driver: {kind[0]}: {kind[1]}")
+            print(f"[rollout] step {step}: every engine failed ({kind[1][:300]}); restarting them", flush=True)
+            self.recover()
+        raise AssertionError("unreachable")
+
+    def _take(self, step: int, last_step: int) -> StepBatch:
+        """Driver: this step's batch (buffered or produced now); starts the next one (async)."""
+        if self._pending is not None:
+            pstep, pend = self._pending
+            if pstep != step:
+                raise RuntimeError(f"rollout buffer holds step {pstep}'s batch, step {step} asked")
+            self._pending = None
+            batch = pend.result() if isinstance(pend, Future) else pend
+        else:
+            batch = self._produce(step)
+        if self.async_ and step + 1 <= last_step:
+            # from here until drain() the thread owns the prompt stream: nothing else reads it
+            self._pending = (step + 1, self._pool.submit(self._produce, step + 1))
+        return batch
 
     def drain(self) -> None:
         """Wait until the engines are idle (the in-flight batch, if any, is complete): call before
-        a weight sync or an evaluation. Driver only; a no-op elsewhere."""
+        a weight sync or an evaluation. Driver only; a no-op elsewhere. An in-flight batch that
+        failed is dropped (its prompts were put back): ``get`` produces it again."""
         if self._pending is not None and isinstance(self._pending[1], Future):
-            self._pending = (self._pending[0], self._pending[1].result())
+            try:
+                self._pending = (self._pending[0], self._pending[1].result())
+            except Exception as e:  # noqa: BLE001 - e.g. every engine died mid-rollout
+                print(f"[rollout] in-flight batch of step {self._pending[0]} failed ({type(e).__name__}: "
+                      f"{str(e)[:300]}); it will be produced again", flush=True)
+                self._pending = None
 
     def state_dict(self) -> dict:
         """The data cursor and the rollout buffer (the in-flight batch, completed), JSON-able.
