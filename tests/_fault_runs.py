@@ -41,3 +41,46 @@ def sft_attempts(rank: int, world: int, attempts: list[tuple[list[tuple], list[s
             out.append(f"{type(e).__name__}: {e}")
             destroy_parallel()
     return out
+
+
+def engine_pids() -> list[int]:
+    """PIDs of this process's child engine processes (``python -m megatron_rl.rollout.engine``)."""
+    import os
+
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and b"megatron_rl.rollout.engine" in cmd:
+            out.append(int(d))
+    return sorted(out)
+
+
+_calls = {"n": 0}
+
+
+def killing_verifier(response: str, label: str) -> float:
+    """The parity reward of tests/_grpo_runs.py; its 3rd call (step 1's scoring, after the
+    rollout, before the weight sync) SIGKILLs the first engine process."""
+    import os
+    import signal
+
+    _calls["n"] += 1
+    if _calls["n"] == 3:
+        pid = engine_pids()[0]
+        print(f"[fault] SIGKILL engine pid {pid}", flush=True)
+        os.kill(pid, signal.SIGKILL)
+    return float(len(response) % 2 == 0)
+
+
+def grpo_with_engine_kill(rank: int, world: int, argv: list[str]) -> dict:
+    from megatron_rl.train.grpo import main
+
+    return main(argv, verifier=killing_verifier)

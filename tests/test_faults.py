@@ -383,3 +383,26 @@ def test_disk_full_save_says_so_and_keeps_previous_checkpoint(tiny_hf_dir, sft_d
             subprocess.run(["umount", str(big)], check=False)
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+# -- a real GRPO run survives a SIGKILLed engine ----------------------------------------------------
+
+def test_grpo_survives_an_engine_sigkill(tiny_hf_dir, sft_data, tmp_path):
+    """Two real embedded engines + router; one engine SIGKILLed after step 1's rollout (the
+    issue's failure: the weight sync then died on /pause_generation). The run completes 3 steps,
+    the engine is restarted and synced, both engines end at version 3, every step has one row."""
+    from megatron_rl.testing import run_distributed
+
+    from _fault_runs import grpo_with_engine_kill
+
+    out = tmp_path / "run"
+    argv = ["--hf", tiny_hf_dir, "--train-data", str(sft_data), "--out", str(out), "--num-engines", "2",
+            "--rollout-batch-size", "2", "--n-samples-per-prompt", "4", "--max-new-tokens", "8",
+            "--num-steps", "3", "--mini-batches-per-rollout", "1", "--micro-batch-size", "4", "--lr", "1e-3",
+            "--lr-warmup-steps", "0", "--seed", "5"]
+    (res,) = run_distributed(grpo_with_engine_kill, 1, argv)
+    assert res["step"] == 3 and sorted(res["engine_versions"].values()) == ["3", "3"], res
+    rows = _rows(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["rollout/engine_restarts"] for r in rows] == [1.0, 1.0, 1.0]
+    assert all(math.isfinite(r["train/loss"]) for r in rows)
