@@ -7,7 +7,8 @@ from __future__ import annotations
 
 def damage(action: tuple) -> None:
     """Real file damage: ("zero", path, nbytes) zeroes nbytes in the middle of the file,
-    ("truncate", path) cuts it to half, ("copy", src, dst) copies a file."""
+    ("truncate", path) cuts it to half, ("copy", src, dst) copies a file, ("mkdir", path) makes a
+    non-empty dir."""
     import os
     import shutil
 
@@ -20,6 +21,8 @@ def damage(action: tuple) -> None:
         os.truncate(path, os.path.getsize(path) // 2)
     elif kind == "copy":
         shutil.copy(path, action[2])
+    elif kind == "mkdir":  # e.g. the temp dir a killed save left
+        os.makedirs(os.path.join(path, "sub"))
     else:
         raise ValueError(kind)
 

@@ -314,7 +314,8 @@ def test_damaged_checkpoint_refused_then_fallback_resumes_exactly(tiny_hf_dir, s
         ([], _sft_argv(tiny_hf_dir, sft_data, out, 3)),  # the uninterrupted run: 3 checkpoints
         ([("copy", out / "metrics.jsonl", tmp_path / "ref.jsonl"), ("zero", it[3] / "__0_0.distcp", 4096),
           ("truncate", it[3] / "rng" / "rank0.pt")], _sft_argv(tiny_hf_dir, sft_data, out, 4)),
-        ([("copy", out / "metrics.jsonl", tmp_path / "after_refusal.jsonl"), ("truncate", it[2] / "__0_0.distcp")],
+        ([("copy", out / "metrics.jsonl", tmp_path / "after_refusal.jsonl"), ("truncate", it[2] / "__0_0.distcp"),
+          ("mkdir", ck / "iter_0000009.tmp")],
          _sft_argv(tiny_hf_dir, sft_data, out, 3, "--resume-fallback")),
     ])[0]
     assert res[0] is None and res[2] is None, res
@@ -332,6 +333,7 @@ def test_damaged_checkpoint_refused_then_fallback_resumes_exactly(tiny_hf_dir, s
     assert {r["step"]: r["train/loss"] for r in got} == ref
     for s in (1, 2, 3):  # re-saved checkpoints are intact
         verify_manifest(str(it[s]))
+    assert not (ck / "iter_0000009.tmp").exists()  # a killed save's temp dir, removed by the next save
 
 
 def _mount_tmpfs(path: Path, size: str) -> None:

@@ -131,7 +131,9 @@ def save_checkpoint(ckpt_root: str, step: int, tr, extra: dict) -> str:
 
     def prepare():
         os.makedirs(ckpt_root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a killed save's leftovers
+        for n in os.listdir(ckpt_root):  # killed saves' leftovers (this run owns ckpt_root)
+            if re.fullmatch(r"iter_\d{7}\.tmp", n):
+                shutil.rmtree(os.path.join(ckpt_root, n), ignore_errors=True)
         prev = latest_step(ckpt_root)
         check_free_space(ckpt_root, None if prev is None else os.path.join(ckpt_root, f"iter_{prev:07d}"))
         if os.path.exists(final):
