@@ -518,6 +518,7 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     from megatron_rl.data.jsonl import check_prompt_lengths, load_jsonl_with_lines
     from megatron_rl.parallel import destroy_parallel
     from megatron_rl.rollout.client import SGLangClient
+    from megatron_rl.rollout.supervisor import EngineSupervisor  # restarts dead engines at each sync
     from megatron_rl.rollout.weight_sync import WeightSync
     from megatron_rl.train import checkpointing as ckpt
     from megatron_rl.train.logging import MetricsLogger
@@ -579,8 +580,6 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
                              verifier=verifier, stop_token_ids=() if eot is None else (eot,),
                              return_routed_experts=wants_routes,
                              routed_experts_layout=_route_layout(tr.config) if wants_routes else None)
-        from megatron_rl.rollout.supervisor import EngineSupervisor  # restarts dead engines at each sync
-
         weights = WeightSync(SGLangClient(launcher.engine_urls, drop_failed_engines=True) if launcher else None,
                              supervisor=EngineSupervisor(launcher) if launcher else None)
         weights.sync(tr.model, tr.hf_config, version=step)  # engines start from the (resumed) policy
