@@ -4,7 +4,7 @@
 
 Both runs: the GRPO entry point (world 1, fp32, 2 embedded engines + sglang-router), synthetic
 prompts, the parity reward of tests/_grpo_runs.py. In the faulty run the verifier SIGKILLs
-engine (k mod 2) at the first scoring call of step 10k (after that step's rollout, before its
+one engine (alternating over the sorted engine pids) at the first scoring call of step K*k (after that step's rollout, before its
 weight sync: the moment that ended runs before issue 14), so the launcher must restart it and
 sync it before it serves again. Checks: every step has one metrics row and exactly P * n scored
 samples (nothing lost or scored twice), ``rollout/engine_restarts`` reaches steps / K, and both
