@@ -180,7 +180,8 @@ def test_rollout_recovers_when_every_engine_dies(world1):
         prod.recover = lambda: weights.sync(weights.version, {}, version=weights.version)
         import threading
 
-        killer = threading.Timer(0.15, lambda: [kill_engine(launcher, i) for i in (0, 1)])
+        # SIGKILL both process groups from outside (no wait here: the supervisor reaps them)
+        killer = threading.Timer(0.15, lambda: [os.killpg(p.popen.pid, signal.SIGKILL) for p in launcher.engines])
         killer.start()
         batch = prod.get(1, last_step=2)
         killer.join()
