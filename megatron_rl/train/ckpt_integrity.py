@@ -178,14 +178,14 @@ def _is_enospc(e: BaseException | None) -> bool:
 
 def save_error(e: BaseException, tmp: str, final: str) -> CheckpointSaveError:
     """What a failed save of ``final`` (written into ``tmp``) should raise. Call before removing
-    ``tmp``: a file system left with < 1 MiB or < 0.1 % free counts as full (torch's writer hides
-    the ENOSPC)."""
+    ``tmp``: a file system left with < 16 MiB free counts as full (torch's writer hides the
+    ENOSPC)."""
     where = os.path.dirname(final) or "."
     try:
         free, total = _free_bytes(tmp if os.path.isdir(tmp) else where)
     except OSError:
         free, total = -1, -1
-    full = _is_enospc(e) or 0 <= free < max(1 << 20, total // 1000)
+    full = _is_enospc(e) or 0 <= free < 16 << 20
     cause = f"{type(e).__name__}: {e}"
     if full:
         return CheckpointSaveError(f"no space left on device while saving checkpoint {final} (temp dir {tmp} "
