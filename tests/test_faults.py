@@ -301,6 +301,37 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]  # every row whole JSON
 
 
+def test_manifest_catches_a_single_flipped_bit_truncation_and_loss(tmp_path):
+    """No process group (rank 0 of 1): every kind of damage is named; the crc32 is zlib's over the
+    whole file (reference: zlib.crc32 of the bytes read at once)."""
+    import json
+    import zlib
+
+    from megatron_rl.train.ckpt_integrity import MANIFEST, CheckpointCorruptError, verify_manifest, write_manifest
+
+    d = tmp_path / "iter_0000001"
+    (d / "rng").mkdir(parents=True)
+    payload = bytes(range(256)) * 40_000  # 10.24 MB: more than one 8 MiB read chunk
+    (d / "a.distcp").write_bytes(payload)
+    (d / "rng" / "rank0.pt").write_bytes(b"rng")
+    m = write_manifest(str(d))
+    assert json.loads((d / MANIFEST).read_text()) == m
+    assert m["files"]["a.distcp"] == {"size": len(payload), "crc32": f"{zlib.crc32(payload):08x}"}
+    verify_manifest(str(d))
+    flipped = bytearray(payload)
+    flipped[5_000_000] ^= 0x01
+    (d / "a.distcp").write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointCorruptError, match=r"a.distcp: contents changed"):
+        verify_manifest(str(d))
+    (d / "a.distcp").write_bytes(payload[:-1])
+    (d / "rng" / "rank0.pt").unlink()
+    with pytest.raises(CheckpointCorruptError, match=r"a.distcp: truncated: 10239999 bytes, the manifest says 10240000; .*rank0.pt: missing"):
+        verify_manifest(str(d))
+    (d / MANIFEST).unlink()
+    with pytest.raises(CheckpointCorruptError, match=r"MANIFEST.json: missing"):
+        verify_manifest(str(d))
+
+
 def test_damaged_checkpoint_refused_then_fallback_resumes_exactly(tiny_hf_dir, sft_data, tmp_path):
     from megatron_rl.testing import run_distributed
     from megatron_rl.train.ckpt_integrity import verify_manifest

@@ -6,7 +6,7 @@ Layout under ``<run>/checkpoints/``::
     iter_0000100/rng/rank<r>.pt   per-rank RNG states (CPU, CUDA if present, Megatron tracker)
     latest_checkpointed_iteration.txt   written last, atomically: the resume pointer
 
-    iter_0000100/MANIFEST.json    every file's size + SHA-256, written last (``ckpt_integrity``)
+    iter_0000100/MANIFEST.json    every file's size + CRC-32, written last (``ckpt_integrity``)
 
 A checkpoint is first written to ``iter_XXXXXXX.tmp`` by all ranks, gets its manifest, and is
 renamed by rank 0 after a barrier, then the pointer is replaced; a job killed mid-save leaves the
@@ -113,7 +113,7 @@ def _on_rank0(fn) -> None:
 
 def save_checkpoint(ckpt_root: str, step: int, tr, extra: dict) -> str:
     """Save model, optimizer, scheduler, RNG and ``extra`` (JSON-able: data cursor, ...) at
-    ``step``, then its ``MANIFEST.json`` (sizes + SHA-256, ``ckpt_integrity``), then rename it into
+    ``step``, then its ``MANIFEST.json`` (sizes + CRC-32, ``ckpt_integrity``), then rename it into
     place and move the pointer. Collective: every rank must call it. Returns the final directory.
 
     Raises ``CheckpointSaveError`` naming the path and the cause ("no space left on device" when

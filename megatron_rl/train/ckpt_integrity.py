@@ -1,16 +1,19 @@
-"""Checkpoint integrity: a manifest of every file's size and SHA-256, and save errors that say what
+"""Checkpoint integrity: a manifest of every file's size and CRC-32, and save errors that say what
 happened.
 
-``MANIFEST.json`` (``{"format", "files": {relative path: {"size": bytes, "sha256": hex}}}``) is
+``MANIFEST.json`` (``{"format", "files": {relative path: {"size": bytes, "crc32": 8 hex digits}}}``) is
 written into a finished checkpoint's temp dir last, by atomic rename, before the dir itself is
 renamed into place; a checkpoint without one was never completed. ``verify_manifest`` re-reads
 every file (sizes first, then hashes) and raises ``CheckpointCorruptError`` naming the file that
 is missing, truncated / grown, or altered. Both are collective: rank r hashes files[r::world]
 (the checkpoint dir is on a file system every rank sees, as Megatron's torch_dist requires).
 
-SHA-256 because hashlib's (OpenSSL, SHA-NI) runs about as fast as zlib.crc32 here (1.15 vs
-0.99 GB/s on one core; blake2b 0.27) and needs no extra package: hashing adds roughly one read
-of the checkpoint to each save and each resume.
+CRC-32 (``zlib.crc32``, standard library) because it is the fastest check available without an
+extra package: 1.65-1.94 GB/s on one core here against 0.64-0.68 for hashlib's SHA-256, 0.73-0.75
+for SHA-1 and 0.33-0.37 for BLAKE2b (xxhash / crc32c are not installed). The manifest guards
+against accidental damage (a CRC-32 catches every burst of <= 32 bits and any other change with
+probability 1 - 2^-32), not against deliberate tampering. It adds about one read of the
+checkpoint to each save and each resume, split over the ranks.
 
 ``save_error`` turns a failed save into ``CheckpointSaveError`` ("no space left on device" with
 the path and the free bytes when the disk is full: torch's writer reports ENOSPC as e.g.
@@ -22,15 +25,15 @@ Left out: per-rank local checkpoints (non-shared file systems), asynchronous sav
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
+import zlib
 
 import torch
 
 MANIFEST = "MANIFEST.json"
-FORMAT = "megatron_rl.manifest.v1"
+FORMAT = "megatron_rl.manifest.v1"  # files: {path: {"size", "crc32"}}
 _CHUNK = 8 << 20
 
 
@@ -42,13 +45,13 @@ class CheckpointSaveError(RuntimeError):
     """A save that failed; names the path and the cause (e.g. no space left on device)."""
 
 
-def sha256_file(path: str) -> str:
-    """Hex SHA-256 of a file's bytes, read in 8 MiB chunks."""
-    h = hashlib.sha256()
+def crc32_file(path: str) -> str:
+    """CRC-32 (zlib) of a file's bytes as 8 hex digits, read in 8 MiB chunks."""
+    crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
 
 
 def _files(ckpt_dir: str) -> list[str]:
@@ -86,7 +89,7 @@ def write_manifest(ckpt_dir: str) -> dict:
         torch.distributed.broadcast_object_list(box, src=0)
         files = box[0]
     mine = {rel: {"size": os.path.getsize(os.path.join(ckpt_dir, rel)),
-                  "sha256": sha256_file(os.path.join(ckpt_dir, rel))} for rel in files[rank::world]}
+                  "crc32": crc32_file(os.path.join(ckpt_dir, rel))} for rel in files[rank::world]}
     entries = {k: v for part in _gather(mine) for k, v in part.items()}
     manifest = {"format": FORMAT, "files": dict(sorted(entries.items()))}
     if rank == 0:
@@ -110,8 +113,8 @@ def _check_files(ckpt_dir: str, files: dict, rels: list[str]) -> list[str]:
         if size != want["size"]:
             kind = "truncated" if size < want["size"] else "grown"
             problems.append(f"{path}: {kind}: {size} bytes, the manifest says {want['size']}")
-        elif sha256_file(path) != want["sha256"]:
-            problems.append(f"{path}: contents changed (sha256 differs from the manifest)")
+        elif crc32_file(path) != want["crc32"]:
+            problems.append(f"{path}: contents changed (crc32 differs from the manifest)")
     return problems
 
 
