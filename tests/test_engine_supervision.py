@@ -99,8 +99,6 @@ def test_engine_killed_during_rollout_is_restarted_synced_and_rerouted(world1):
         assert weights.check_versions(2) == {u: "2" for u in launcher.engine_urls}
         assert sorted(w["url"] for w in launcher.router_workers()) == sorted(launcher.engine_urls)
         _assert_current(_rollout(launcher), 2)  # whichever engine served: version 2's tokens
-        log = (launcher.log_dir / "engine0.log")
-        assert log.exists()
 
 
 @pytest.mark.skipif(not HAS_ROUTER, reason="sglang_router is not installed")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import zlib
 
 import torch
@@ -196,7 +195,3 @@ def save_error(e: BaseException, tmp: str, final: str) -> CheckpointSaveError:
                                    f"Underlying error: {cause}")
     return CheckpointSaveError(f"saving checkpoint {final} failed (temp dir {tmp} removed; the previous "
                                f"checkpoint is kept): {cause}")
-
-
-def remove_tree(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
