@@ -425,6 +425,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
     r.add_argument("--routing-replay", default="off", choices=REPLAY_MODES)
     r.add_argument("--routing-flip-rate", action="store_true",
                    help="ask the engines for their routes and log the top-k flip rate vs the trainer")
+    m = p.add_argument_group("multi-turn (rollout.multiturn)")
+    m.add_argument("--env", default=None,
+                   help="multi-turn rollouts against an environment: 'calc' (the calculator tool of the "
+                        "synthetic task) or 'package.module:factory' (rollout.env.Environment); "
+                        "--max-new-tokens is then the episode's token budget (policy + environment)")
+    m.add_argument("--max-turns", type=int, default=4, help="policy turns per episode (with --env)")
+    m.add_argument("--max-tokens-per-turn", type=int, default=0, help="0: only the episode budget")
     r.add_argument("--eval-interval", type=int, default=0, help="0: only at the end")
     r.add_argument("--eval-n-samples", type=int, default=4)
     r.add_argument("--eval-max-prompts", type=int, default=64)
@@ -452,8 +459,27 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
         p.error(f"--ref-hf {cfg.ref_hf}: no config.json there (an HF checkpoint dir is expected)")
     if args.moe_aux_loss_coeff > 0 and cfg.lbl_mode != "off":
         p.error("--lbl-mode and --moe-aux-loss-coeff are two load-balancing losses; use one")
+    args.env_obj, args.multiturn = None, None
+    if args.env is not None:
+        from megatron_rl.rollout.env import load_env
+        from megatron_rl.rollout.multiturn import MultiTurnConfig
+
+        try:
+            args.multiturn = MultiTurnConfig(max_turns=args.max_turns, max_tokens_per_turn=args.max_tokens_per_turn)
+            args.env_obj = load_env(args.env)
+        except ValueError as e:
+            p.error(str(e))
     args.train_steps = cfg.num_steps * cfg.mini_batches_per_rollout  # LR schedule in optimizer steps
     return args, cfg
+
+
+def _multiturn_fields(args, tok) -> dict:
+    """RolloutService fields of --env (environment, turn limits, chat renderer); {} without."""
+    if args.env_obj is None:
+        return {}
+    from megatron_rl.rollout.multiturn import ChatRenderer
+
+    return {"env": args.env_obj, "multiturn": args.multiturn, "renderer": ChatRenderer(tok)}
 
 
 @contextmanager
@@ -562,7 +588,8 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
                              router_url=launcher.router_url if launcher else None, tokenizer=tok,
                              verifier=verifier, stop_token_ids=() if eot is None else (eot,),
                              return_routed_experts=wants_routes,
-                             routed_experts_layout=_route_layout(tr.config) if wants_routes else None)
+                             routed_experts_layout=_route_layout(tr.config) if wants_routes else None,
+                             **_multiturn_fields(args, tok))
         weights = WeightSync(SGLangClient(launcher.engine_urls) if launcher else None)
         weights.sync(tr.model, tr.hf_config, version=step)  # engines start from the (resumed) policy
         eval_temperature = cfg.temperature if cfg.eval_temperature is None else cfg.eval_temperature

@@ -42,6 +42,10 @@ class Sample:
     is_demo: bool = False  # HPT: a demonstration (SFT loss on output_ids), not a rollout
     group: int = -1  # prompt index of the sample within its rollout batch (-1: unknown)
     routed_experts: object = None  # engine routes int [len(prompt + output) - 1, L, K] (R3), or None
+    # multi-turn (rollout.multiturn): per output token 1 = policy, 0 = environment (None: all policy)
+    loss_mask: list[int] | None = None
+    turns: list | None = None  # [start, end) of each policy turn in output_ids
+    env_outcomes: list[str] | None = None  # the environment's outcome per turn
 
 
 class PromptStream:
@@ -87,6 +91,12 @@ def _place(s: Sample, adv: float, out: dict, r: int, off: int, j: int) -> None:
         lo, hi = off + p - 1, off + n - 1  # label frame: position p-1 scores output_ids[0]
         out["loss_mask"][r, lo:hi] = 1.0
         out["advantages"][r, lo:hi] = float(adv)
+        if s.loss_mask is not None:  # multi-turn: no loss on environment tokens
+            if len(s.loss_mask) != t:
+                raise ValueError(f"sample loss_mask has {len(s.loss_mask)} entries for {t} output tokens")
+            keep = torch.tensor(s.loss_mask, dtype=torch.float32)
+            out["loss_mask"][r, lo:hi] *= keep
+            out["advantages"][r, lo:hi] *= keep
         if s.is_demo:
             out["sft_mask"][r, lo:hi] = 1.0
         elif s.rollout_logprobs:

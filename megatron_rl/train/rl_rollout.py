@@ -55,6 +55,10 @@ class RolloutService:
 
     return_routed_experts: bool = False  # R3: engines return routes (the router drops them)
     routed_experts_layout: tuple[int, int] | None = None  # (MoE layers, top_k) of the routes
+    # multi-turn (rollout.multiturn): the environment rewards the samples instead of the verifier
+    env: object = None  # rollout.env.Environment, or None (single-turn)
+    multiturn: object = None  # rollout.multiturn.MultiTurnConfig (with env)
+    renderer: object = None  # rollout.multiturn.ChatRenderer of ``tokenizer`` (with env)
 
     def _client(self) -> SGLangClient:
         # sglang-router 0.3.2 drops return_routed_experts: with routes, balance over the engines here
@@ -93,6 +97,10 @@ class RolloutService:
         and ``perf/rollout_time_s`` / ``perf/reward_time_s`` in seconds. Raises what the client or
         the reward runner raise (an engine short of logprobs, a verifier that fails).
         """
+        if self.env is not None:
+            from megatron_rl.rollout.multiturn import generate_and_score_episodes
+
+            return generate_and_score_episodes(self, prompts, labels, n, sampling, tag)
         t0 = time.perf_counter()
         groups = self._generate(prompts, n, sampling, tag)
         t1 = time.perf_counter()
@@ -115,7 +123,9 @@ def rollout_stats(samples: list[Sample], n: int) -> dict[str, float]:
     lens = [len(s.output_ids) for s in samples]
     groups = [samples[i:i + n] for i in range(0, len(samples), n)]
     counts = [(n, sum(s.reward >= 1.0 for s in g)) for g in groups]
-    return {"rollout/reward_mean": float(rewards.nanmean()),
+    from megatron_rl.rollout.multiturn import multiturn_stats
+
+    return multiturn_stats(samples) | {"rollout/reward_mean": float(rewards.nanmean()),
             "rollout/pass@1": mean_pass_at_k(counts, [1])[1],
             "rollout/response_len_mean": sum(lens) / len(lens),
             "rollout/response_len_max": float(max(lens)),
