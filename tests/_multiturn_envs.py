@@ -15,7 +15,7 @@ class ProbeEnv:
         return EnvStep(done=True, reward=float(len(messages[-1]["content"]) % 2 == 0), outcome="answer")
 
     def truncated_reward(self, messages, label):
-        return float(len(messages) % 2)
+        return float(len(messages[-1]["content"]) % 2)
 
 
 def probe_env():

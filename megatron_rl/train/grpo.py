@@ -432,6 +432,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
                         "--max-new-tokens is then the episode's token budget (policy + environment)")
     m.add_argument("--max-turns", type=int, default=4, help="policy turns per episode (with --env)")
     m.add_argument("--max-tokens-per-turn", type=int, default=0, help="0: only the episode budget")
+    m.add_argument("--eval-without-env", action="store_true",
+                   help="also evaluate each split single-turn, scored by the verifier (eval/notool_<split>/...)")
     r.add_argument("--eval-interval", type=int, default=0, help="0: only at the end")
     r.add_argument("--eval-n-samples", type=int, default=4)
     r.add_argument("--eval-max-prompts", type=int, default=64)
@@ -479,7 +481,8 @@ def _multiturn_fields(args, tok) -> dict:
         return {}
     from megatron_rl.rollout.multiturn import ChatRenderer
 
-    return {"env": args.env_obj, "multiturn": args.multiturn, "renderer": ChatRenderer(tok)}
+    return {"env": args.env_obj, "multiturn": args.multiturn, "renderer": ChatRenderer(tok),
+            "eval_without_env": args.eval_without_env}
 
 
 @contextmanager

@@ -59,6 +59,7 @@ class RolloutService:
     env: object = None  # rollout.env.Environment, or None (single-turn)
     multiturn: object = None  # rollout.multiturn.MultiTurnConfig (with env)
     renderer: object = None  # rollout.multiturn.ChatRenderer of ``tokenizer`` (with env)
+    eval_without_env: bool = False  # also evaluate single-turn (eval/notool_<split>/pass@k)
 
     def _client(self) -> SGLangClient:
         # sglang-router 0.3.2 drops return_routed_experts: with routes, balance over the engines here
@@ -85,7 +86,11 @@ class RolloutService:
         for name, (prompts, labels) in splits.items():
             samples, _ = self.generate_and_score(prompts, labels, n, sampling, f"eval-{name}")
             correct[name] = [[s.reward >= 1.0 for s in samples[i * n:(i + 1) * n]] for i in range(len(prompts))]
-        return {f"eval/{k}": v for k, v in pass_at_k_by_split(correct).items()}
+        out = {f"eval/{k}": v for k, v in pass_at_k_by_split(correct).items()}
+        if self.env is not None and self.eval_without_env:  # the same policy, single-turn, verifier-scored
+            plain = dataclasses.replace(self, env=None, eval_without_env=False)
+            out |= {k.replace("eval/", "eval/notool_", 1): v for k, v in plain.evaluate(splits, n, sampling).items()}
+        return out
 
     def generate_and_score(self, prompts: list[list[int]], labels: list[str], n: int,
                            sampling: SamplingParams, tag: str) -> tuple[list[Sample], dict]:
