@@ -13,7 +13,7 @@ recorded routes + flip rate; mismatch metrics, TIS / IcePop / sequence mask) -> 
 (KL on) -> k mini-batch updates (load balancing per mini-batch) -> versioned weight sync -> metrics;
 then periodic eval and checkpoint (model, optimizer, scheduler, RNG, data cursor, rollout buffer).
 Left out: colocated engines releasing memory during training (the launcher has the calls; the
-loop runs engines and trainer disaggregated), partial rollouts, multi-step-off asynchrony, a
+loop runs engines and trainer disaggregated), multi-step-off asynchrony, a
 critic (GAE exists as a loss function only), virtual pipeline stages.
 """
 
@@ -425,6 +425,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
     r.add_argument("--routing-replay", default="off", choices=REPLAY_MODES)
     r.add_argument("--routing-flip-rate", action="store_true",
                    help="ask the engines for their routes and log the top-k flip rate vs the trainer")
+    r.add_argument("--partial-rollout", action="store_true",
+                   help="abort generations still running once a step has enough groups; continue them next step")
+    r.add_argument("--partial-rollout-extra-groups", type=int, default=1,
+                   help="groups generated beyond --rollout-batch-size per step (with --partial-rollout)")
     m = p.add_argument_group("multi-turn (rollout.multiturn)")
     m.add_argument("--env", default=None,
                    help="multi-turn rollouts against an environment: 'calc' (the calculator tool of the "
@@ -462,6 +466,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
     if args.moe_aux_loss_coeff > 0 and cfg.lbl_mode != "off":
         p.error("--lbl-mode and --moe-aux-loss-coeff are two load-balancing losses; use one")
     args.env_obj, args.multiturn = None, None
+    if args.env is not None and cfg.partial_rollout:
+        p.error("--partial-rollout with --env (multi-turn) is not supported")
     if args.env is not None:
         from megatron_rl.rollout.env import load_env
         from megatron_rl.rollout.multiturn import MultiTurnConfig
@@ -608,7 +614,8 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
                                    prompts_per_step=cfg.rollout_batch_size, n=cfg.n_samples_per_prompt,
                                    sampling=sampling, dynamic_sampling=cfg.dynamic_sampling,
                                    max_rounds=cfg.dynamic_sampling_max_rounds,
-                                   async_one_step_off=cfg.async_one_step_off)
+                                   async_one_step_off=cfg.async_one_step_off, partial_rollout=cfg.partial_rollout,
+                                   partial_extra=cfg.partial_rollout_extra_groups)
         if state is not None:
             producer.load_state_dict(state["rollout"])
         ctx = StepContext(weights=weights, producer=producer, pad_id=pad_id, ref_model=ref_model,

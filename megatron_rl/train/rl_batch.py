@@ -46,6 +46,7 @@ class Sample:
     loss_mask: list[int] | None = None
     turns: list | None = None  # [start, end) of each policy turn in output_ids
     env_outcomes: list[str] | None = None  # the environment's outcome per turn
+    token_versions: list[int] | None = None  # partial rollouts: policy version of each output token
 
 
 class PromptStream:

@@ -11,7 +11,8 @@ on the driver.
 ``RolloutProducer`` builds each RL step's batch on the driver: prompts from the ``PromptStream``,
 dynamic sampling (DAPO: drop zero-variance groups, draw more prompts), and the one-step-off
 asynchronous mode (the next step's rollout runs in a driver thread while this step trains).
-Left out: partial rollouts (aborting long generations and resuming them next step).
+Partial rollouts (``--partial-rollout``): ``rollout.partial.produce_partial``; multi-turn samples
+(``--env``): ``rollout.multiturn`` via ``RolloutService.env``.
 """
 
 from __future__ import annotations
@@ -170,16 +171,22 @@ class RolloutProducer:
 
     def __init__(self, svc: RolloutService, stream, to_prompt, *, prompts_per_step: int, n: int,
                  sampling, dynamic_sampling: bool = False, max_rounds: int = 1,
-                 async_one_step_off: bool = False):
+                 async_one_step_off: bool = False, partial_rollout: bool = False, partial_extra: int = 1):
         self.svc, self.stream, self.to_prompt = svc, stream, to_prompt
         self.p, self.n, self.sampling = prompts_per_step, n, sampling
         self.dynamic, self.max_rounds, self.async_ = dynamic_sampling, max_rounds, async_one_step_off
         self._pending: tuple[int, Future | StepBatch] | None = None
+        self.partial, self.partial_extra = partial_rollout, partial_extra
+        self.partial_buffer: list = []  # rollout.partial: (row, slots) groups left unfinished
         self._pool = ThreadPoolExecutor(max_workers=1) if (async_one_step_off and svc.is_driver) else None
 
     # -- driver ----------------------------------------------------------------------------------
     def _produce(self, step: int) -> StepBatch:
         """Generate + score (+ filter) the batch of ``step`` (driver only)."""
+        if self.partial:
+            from megatron_rl.rollout.partial import produce_partial
+
+            return produce_partial(self, step)
         t0 = time.perf_counter()
         kept: list[tuple[dict, list[Sample]]] = []
         dropped: list[tuple[dict, list[Sample]]] = []
@@ -250,10 +257,18 @@ class RolloutProducer:
                 buf = {"step": pstep, "rows": b.rows, "metrics": b.metrics,
                        "samples": [dataclasses.asdict(s) for s in b.samples]}
             state = {"stream": self.stream.state_dict(), "buffer": buf}
+            if self.partial:
+                from megatron_rl.rollout.partial import buffer_state
+
+                state["partial"] = buffer_state(self.partial_buffer)
         return _jsonable(broadcast_from_driver(state))
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state["stream"])
+        if self.partial and self.svc.is_driver:
+            from megatron_rl.rollout.partial import load_buffer
+
+            self.partial_buffer = load_buffer(state.get("partial") or [])
         buf = state.get("buffer")
         if buf is not None and self.svc.is_driver:
             samples = [Sample(**s) for s in buf["samples"]]
