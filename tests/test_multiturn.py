@@ -239,3 +239,25 @@ def test_load_env_errors():
             load_env(spec)
     with pytest.raises(ValueError, match="--max-turns"):
         MultiTurnConfig(max_turns=0)
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--env", "nope"], "expected 'calc'"),
+    (["--env", "calc", "--max-turns", "0"], "--max-turns must be >= 1"),
+    (["--env", "calc", "--partial-rollout"], "not supported"),
+    (["--partial-rollout", "--dynamic-sampling"], "--dynamic-sampling"),
+])
+def test_grpo_refuses_bad_multiturn_flags(flags, msg, capsys, tmp_path):
+    from megatron_rl.train.grpo import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--hf", "x", "--train-data", "t.jsonl", "--out", str(tmp_path), *flags])
+    assert msg in capsys.readouterr().err
+
+
+def test_grpo_parses_env_calc(tmp_path):
+    from megatron_rl.train.grpo import parse_args
+
+    args, _ = parse_args(["--hf", "x", "--train-data", "t.jsonl", "--out", str(tmp_path), "--env", "calc",
+                          "--max-turns", "6", "--eval-without-env"])
+    assert isinstance(args.env_obj, CalcEnv) and args.multiturn.max_turns == 6 and args.eval_without_env

@@ -429,15 +429,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
                    help="abort generations still running once a step has enough groups; continue them next step")
     r.add_argument("--partial-rollout-extra-groups", type=int, default=1,
                    help="groups generated beyond --rollout-batch-size per step (with --partial-rollout)")
-    m = p.add_argument_group("multi-turn (rollout.multiturn)")
-    m.add_argument("--env", default=None,
-                   help="multi-turn rollouts against an environment: 'calc' (the calculator tool of the "
-                        "synthetic task) or 'package.module:factory' (rollout.env.Environment); "
-                        "--max-new-tokens is then the episode's token budget (policy + environment)")
-    m.add_argument("--max-turns", type=int, default=4, help="policy turns per episode (with --env)")
-    m.add_argument("--max-tokens-per-turn", type=int, default=0, help="0: only the episode budget")
-    m.add_argument("--eval-without-env", action="store_true",
-                   help="also evaluate each split single-turn, scored by the verifier (eval/notool_<split>/...)")
+    from megatron_rl.rollout.multiturn import add_multiturn_args, check_multiturn_args
+
+    add_multiturn_args(p)
     r.add_argument("--eval-interval", type=int, default=0, help="0: only at the end")
     r.add_argument("--eval-n-samples", type=int, default=4)
     r.add_argument("--eval-max-prompts", type=int, default=64)
@@ -465,30 +459,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
         p.error(f"--ref-hf {cfg.ref_hf}: no config.json there (an HF checkpoint dir is expected)")
     if args.moe_aux_loss_coeff > 0 and cfg.lbl_mode != "off":
         p.error("--lbl-mode and --moe-aux-loss-coeff are two load-balancing losses; use one")
-    args.env_obj, args.multiturn = None, None
-    if args.env is not None and cfg.partial_rollout:
-        p.error("--partial-rollout with --env (multi-turn) is not supported")
-    if args.env is not None:
-        from megatron_rl.rollout.env import load_env
-        from megatron_rl.rollout.multiturn import MultiTurnConfig
-
-        try:
-            args.multiturn = MultiTurnConfig(max_turns=args.max_turns, max_tokens_per_turn=args.max_tokens_per_turn)
-            args.env_obj = load_env(args.env)
-        except ValueError as e:
-            p.error(str(e))
+    check_multiturn_args(p, args, cfg)
     args.train_steps = cfg.num_steps * cfg.mini_batches_per_rollout  # LR schedule in optimizer steps
     return args, cfg
-
-
-def _multiturn_fields(args, tok) -> dict:
-    """RolloutService fields of --env (environment, turn limits, chat renderer); {} without."""
-    if args.env_obj is None:
-        return {}
-    from megatron_rl.rollout.multiturn import ChatRenderer
-
-    return {"env": args.env_obj, "multiturn": args.multiturn, "renderer": ChatRenderer(tok),
-            "eval_without_env": args.eval_without_env}
 
 
 @contextmanager
@@ -543,6 +516,7 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     from megatron_rl.data.jsonl import load_jsonl
     from megatron_rl.parallel import destroy_parallel
     from megatron_rl.rollout.client import SGLangClient
+    from megatron_rl.rollout.multiturn import multiturn_service_fields
     from megatron_rl.rollout.weight_sync import WeightSync
     from megatron_rl.train import checkpointing as ckpt
     from megatron_rl.train.logging import MetricsLogger
@@ -598,7 +572,7 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
                              verifier=verifier, stop_token_ids=() if eot is None else (eot,),
                              return_routed_experts=wants_routes,
                              routed_experts_layout=_route_layout(tr.config) if wants_routes else None,
-                             **_multiturn_fields(args, tok))
+                             **multiturn_service_fields(args, tok))
         weights = WeightSync(SGLangClient(launcher.engine_urls) if launcher else None)
         weights.sync(tr.model, tr.hf_config, version=step)  # engines start from the (resumed) policy
         eval_temperature = cfg.temperature if cfg.eval_temperature is None else cfg.eval_temperature
