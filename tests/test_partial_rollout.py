@@ -192,3 +192,54 @@ def test_grpo_with_partial_rollouts_on_the_embedded_engine(tiny_hf_dir, tmp_path
         else:
             assert r["mismatch/logprob_abs_diff"] < 1e-5
     assert any(recs[s]["rollout/token_staleness_max"] > 0 for s in (2, 3))
+
+
+@pytest.fixture
+def world1(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_producer_checkpoint_holds_the_partial_buffer(world1):
+    """RolloutProducer.state_dict (what the checkpoint stores) carries the partial samples; a
+    fresh producer restored from it continues them without losing or repeating a token."""
+    from megatron_rl.train.rl_rollout import RolloutProducer, RolloutService
+
+    class Svc(RolloutService):
+        def __init__(self, engine):
+            super().__init__(engine_urls=["http://unused"], router_url=None,
+                             tokenizer=SimpleNamespace(decode=lambda ids, **k: " ".join(map(str, ids))),
+                             verifier=lambda text, label: float(len(text.split()) % 2 == 0))
+            self.engine = engine
+
+        def _client(self):
+            @asynccontextmanager
+            async def c():
+                yield self.engine
+            return c()
+
+    def producer(engine):
+        return RolloutProducer(Svc(engine), PromptStream(_rows(16), seed=3), lambda r: r["ids"], prompts_per_step=2,
+                               n=2, sampling=lambda step: SamplingParams(max_new_tokens=64, seed=step),
+                               partial_rollout=True, partial_extra=2)
+
+    prod = producer(StreamingEngine())
+    prod.get(1, last_step=3)
+    state = json.loads(json.dumps(prod.state_dict()))
+    old = sum(len(s["output_ids"]) for b in state["partial"] for s in b["slots"])
+    assert old > 0
+    engine = StreamingEngine()
+    engine.version = 1
+    prod2 = producer(engine)
+    prod2.load_state_dict(state)
+    assert prod2.partial_buffer == prod.partial_buffer
+    b = prod2.get(2, last_step=3)
+    _check_batch(b, 64, 1)
+    kept = sum(v == 0 for s in b.samples for v in s.token_versions)
+    kept += sum(v == 0 for _, g in prod2.partial_buffer for s in g for v in s.token_versions)
+    assert kept == old
+    prod.close()
+    prod2.close()
