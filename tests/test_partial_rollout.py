@@ -107,6 +107,7 @@ def test_abort_and_continue_lose_and_duplicate_nothing():
     b1 = produce_partial(prod, 1)
     assert len(b1.samples) == 4 and b1.metrics["rollout/aborted_requests"] > 0
     carried = [s for _, g in prod.partial_buffer for s in g]
+    assert b1.metrics["rollout/partial_tokens_carried"] == sum(len(s.output_ids) for s in carried)
     assert any(s.finish_reason is None and s.output_ids for s in carried)  # partial outputs kept
     assert all(v == 0 for v in _check_batch(b1, 64, 0))
     mixed = 0
@@ -160,7 +161,7 @@ def test_partial_flags_are_checked():
 
 
 def test_grpo_with_partial_rollouts_on_the_embedded_engine(tiny_hf_dir, tmp_path):
-    """3 GRPO steps with --partial-rollout (2 groups needed, 2 extra) on one fp32 embedded engine
+    """4 GRPO steps with --partial-rollout (2 groups needed, 2 extra) on one fp32 embedded engine
     running 2 requests at a time (so the extra groups are cut mid-generation).
     Reference: fresh tokens match the trainer exactly (< 1e-5), so any larger engine/trainer gap
     can only come from the stale tokens, which the mismatch statistics must therefore cover."""
@@ -174,24 +175,29 @@ def test_grpo_with_partial_rollouts_on_the_embedded_engine(tiny_hf_dir, tmp_path
     out = tmp_path / "run"
     argv = ["--hf", tiny_hf_dir, "--train-data", str(tmp_path / "train.jsonl"), "--out", str(out),
             "--num-engines", "1", "--rollout-batch-size", "2", "--n-samples-per-prompt", "2",
-            "--max-new-tokens", "48", "--num-steps", "3", "--micro-batch-size", "4", "--lr", "1e-2",
+            "--max-new-tokens", "48", "--num-steps", "4", "--micro-batch-size", "4", "--lr", "1e-2",
             "--lr-warmup-steps", "0", "--tis-cap", "2.0", "--seed", "3", "--partial-rollout",
             "--partial-rollout-extra-groups", "2", "--engine-args", "--max-running-requests 2"]
     (res,) = run_distributed(run_grpo, 1, argv)
     recs = {r["step"]: r for r in map(json.loads, open(out / "metrics.jsonl"))}
-    assert res["step"] == 3 and sorted(recs) == [1, 2, 3]
+    assert res["step"] == 4 and sorted(recs) == [1, 2, 3, 4]
     assert recs[1]["rollout/token_staleness_max"] == 0.0
     assert recs[1]["mismatch/logprob_abs_diff"] < 1e-5
-    for step in (2, 3):
+    for step in (2, 3, 4):
         r = recs[step]
         print(f"\nstep {step}: staleness mean {r['rollout/token_staleness_mean']:.3f} max "
-              f"{r['rollout/token_staleness_max']} aborted {r['rollout/aborted_requests']} "
+              f"{r['rollout/token_staleness_max']} aborted {r['rollout/aborted_requests']} carried "
+              f"{r['rollout/partial_tokens_carried']} "
               f"mismatch {r['mismatch/logprob_abs_diff']:.3e} tis_dev {r['mismatch/is_weight_abs_dev']:.3e}")
         if r["rollout/token_staleness_max"] > 0:
             assert r["mismatch/logprob_abs_diff"] > 1e-4 and r["mismatch/is_weight_abs_dev"] > 1e-4
         else:
             assert r["mismatch/logprob_abs_diff"] < 1e-5
-    assert any(recs[s]["rollout/token_staleness_max"] > 0 for s in (2, 3))
+    # tokens carried at step s - 1 are trained at step s (the buffered groups run, and finish, first)
+    for step in (2, 3, 4):
+        if recs[step - 1]["rollout/partial_tokens_carried"] > 0:
+            assert recs[step]["rollout/token_staleness_max"] == 1.0
+    assert any(recs[s]["rollout/token_staleness_max"] > 0 for s in (2, 3, 4))
 
 
 @pytest.fixture

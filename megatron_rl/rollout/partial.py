@@ -125,7 +125,8 @@ def produce_partial(prod, step: int):
     groups, add new prompts up to P + E groups, stop at P complete groups, score those with the
     verifier; the rest (unfinished, or complete beyond P) stay in ``prod.partial_buffer``.
     Metrics: rollout/token_staleness_mean/max (vs policy version step - 1), rollout/aborted_requests,
-    rollout/partial_groups_carried, perf/rollout_time_s, perf/reward_time_s."""
+    rollout/partial_groups_carried / partial_tokens_carried (left in the buffer), perf/rollout_time_s,
+    perf/reward_time_s."""
     import time
 
     from megatron_rl.rollout.rewards import RewardRunner
@@ -155,6 +156,7 @@ def produce_partial(prod, step: int):
                       token_versions=s.token_versions) for s, x in zip(slots, scored.rewards)]
     metrics = staleness([s.token_versions for s in slots], step - 1) | {
         "rollout/aborted_requests": float(aborted), "rollout/partial_groups_carried": float(len(prod.partial_buffer)),
+        "rollout/partial_tokens_carried": float(sum(len(s.output_ids) for _, g in prod.partial_buffer for s in g)),
         "perf/rollout_time_s": t1 - t0, "perf/reward_time_s": time.perf_counter() - t1}
     metrics["perf/produce_time_s"] = time.perf_counter() - t0
     return StepBatch(samples=samples, rows=[r for r, _ in taken], metrics=metrics)
