@@ -196,7 +196,7 @@ def test_grpo_with_partial_rollouts_on_the_embedded_engine(tiny_hf_dir, tmp_path
     # tokens carried at step s - 1 are trained at step s (the buffered groups run, and finish, first)
     for step in (2, 3, 4):
         if recs[step - 1]["rollout/partial_tokens_carried"] > 0:
-            assert recs[step]["rollout/token_staleness_max"] == 1.0
+            assert recs[step]["rollout/token_staleness_max"] >= 1.0
     assert any(recs[s]["rollout/token_staleness_max"] > 0 for s in (2, 3, 4))
 
 
