@@ -261,3 +261,43 @@ def test_grpo_parses_env_calc(tmp_path):
     args, _ = parse_args(["--hf", "x", "--train-data", "t.jsonl", "--out", str(tmp_path), "--env", "calc",
                           "--max-turns", "6", "--eval-without-env"])
     assert isinstance(args.env_obj, CalcEnv) and args.multiturn.max_turns == 6 and args.eval_without_env
+
+
+# Qwen2.5's way of rendering tool results (consecutive tool messages share one user turn, each in
+# <tool_response>), as in its tokenizer_config.json, without the tools/system preamble
+QWEN_TOOL_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+class _TwoResults:
+    def step(self, messages, label):
+        if len(messages) >= 3:
+            return EnvStep(done=True, reward=1.0, outcome="answer")
+        return EnvStep(messages=[{"role": "tool", "content": "7"}, {"role": "tool", "content": "8"}],
+                       outcome="tool_ok")
+
+    def truncated_reward(self, messages, label):
+        return 0.0
+
+
+def test_qwen_style_tool_turns_render_as_the_template_does(tok):
+    import copy
+
+    qtok = copy.deepcopy(tok)
+    qtok.chat_template = QWEN_TOOL_TEMPLATE
+    ep, client, msgs = _run(qtok, [CALL, "The answer is \\boxed{7}."], env=_TwoResults())
+    a, b = ep.turns[0]
+    env_text = qtok.decode(ep.output_ids[b: ep.turns[1][0]])
+    assert env_text == ("\n<|im_start|>user\n<tool_response>\n7\n</tool_response>\n<tool_response>\n8\n"
+                        "</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    conv = msgs + [{"role": "assistant", "content": CALL}, {"role": "tool", "content": "7"},
+                   {"role": "tool", "content": "8"}, {"role": "assistant", "content": "The answer is \\boxed{7}."}]
+    chat = qtok.apply_chat_template(conv, tokenize=False)
+    assert qtok.decode(ep.prompt_ids + ep.output_ids) == chat[: chat.rindex("<|im_end|>") + len("<|im_end|>")]
