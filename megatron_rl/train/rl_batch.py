@@ -3,7 +3,8 @@
 Legend: N samples in the rollout batch, B rows per micro-batch, S = padded length (prompt +
 response, the rollout's longest), every per-token tensor is [B, S] in the *label frame*: position
 t scores ``tokens[t + 1]`` (``labels[t]``), so ``loss_mask[t] = 1`` exactly where ``labels[t]``
-is a response token of a sample whose reward is valid. Position S - 1 and padding are masked.
+is a response token of a sample whose reward is valid (for a multi-turn sample, a policy token:
+``Sample.loss_mask`` is 0 on the environment's tokens). Position S - 1 and padding are masked.
 
 Loss normalisation (see ``losses/policy.py`` and ``engine.masked_token_loss``): ``policy_loss``
 returns this micro-batch's share ``L_mb`` of the mini-batch loss, given the mini-batch's global
