@@ -249,3 +249,14 @@ def test_producer_checkpoint_holds_the_partial_buffer(world1):
     assert kept == old
     prod.close()
     prod2.close()
+
+
+def test_engine_side_aborts_are_a_clear_error():
+    class Failing(StreamingEngine):
+        async def generate(self, input_ids, sp, *, return_logprob=True, rid=""):
+            self.aborted.add(rid)  # every request aborted by the engine itself (e.g. an engine error)
+            return await super().generate(input_ids, sp, return_logprob=return_logprob, rid=rid)
+
+    prod = _producer(Failing(), _rows(8))
+    with pytest.raises(RuntimeError, match="0 of 2 groups complete"):
+        produce_partial(prod, 1)

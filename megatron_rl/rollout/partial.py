@@ -55,6 +55,10 @@ async def run_slots(client, groups: list[list[Slot]], need: int, sampling: Sampl
     Mutates the slots in place; returns how many requests came back aborted. Raises the first
     request error after cancelling the others."""
     n = len(groups[0]) if groups else 0
+    for g in groups:  # a slot cut exactly at the budget is complete ("length")
+        for s in g:
+            if s.finish_reason is None and len(s.output_ids) >= sampling.max_new_tokens:
+                s.finish_reason = "length"
     done = asyncio.Event()
     complete = [all(s.finish_reason is not None for s in g) for g in groups]
     if sum(complete) >= need:
@@ -126,7 +130,7 @@ def produce_partial(prod, step: int):
     verifier; the rest (unfinished, or complete beyond P) stay in ``prod.partial_buffer``.
     Metrics: rollout/token_staleness_mean/max (vs policy version step - 1), rollout/aborted_requests,
     rollout/partial_groups_carried / partial_tokens_carried (left in the buffer), perf/rollout_time_s,
-    perf/reward_time_s."""
+    perf/reward_time_s. Raises RuntimeError when fewer than P groups complete (engine-side aborts)."""
     import time
 
     from megatron_rl.rollout.rewards import RewardRunner
@@ -145,6 +149,9 @@ def produce_partial(prod, step: int):
     aborted = asyncio.run(go())
     t1 = time.perf_counter()
     ready = [i for i, (_, g) in enumerate(buf) if all(s.finish_reason is not None for s in g)][: prod.p]
+    if len(ready) < prod.p:  # only when the engines aborted requests themselves (errors)
+        raise RuntimeError(f"step {step}: {len(ready)} of {prod.p} groups complete after the rollout; "
+                           f"{aborted} requests came back aborted (see the engine logs)")
     taken = [buf[i] for i in ready]
     prod.partial_buffer = [b for i, b in enumerate(buf) if i not in set(ready)]
     slots = [s for _, g in taken for s in g]
