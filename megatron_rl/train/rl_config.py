@@ -3,8 +3,7 @@
 ``RLConfig`` is built once from the CLI (``grpo.parse_args``) and handed to ``rl_step``; leaf
 functions receive only the scalars they need. ``__post_init__`` rejects every combination the
 loop cannot run, with a message naming the flag.
-Left out: multi-step-off
-asynchrony (only one step off), a learned value head in the loop (GAE exists as a loss function).
+Left out: multi-step-off asynchrony (only one step off), a learned value head in the loop (GAE exists as a loss function).
 """
 
 from __future__ import annotations
@@ -65,11 +64,11 @@ class RLConfig:
     routing_replay: "r3" replays the engine's routes (arXiv 2510.11370) in the old-logprob and
     training passes; "r2" replays the routes the trainer recorded in the old-logprob pass during
     the mini-batch updates; "off" routes live.
-    partial_rollout: run ``partial_rollout_extra_groups`` groups more than a step needs, abort what
-    still runs once enough groups are complete and continue it next step (``rollout.partial``).
     routing_flip_rate: request the engines' routes every step and log the top-k flip rate between
     them and the trainer's (recorded in the old-logprob pass; with R3 on the replayed routes are
     the engine's by construction, so the metric is only computed without R3).
+    partial_rollout: run ``partial_rollout_extra_groups`` groups more than a step needs, abort what
+    still runs once enough groups are complete and continue it next step (``rollout.partial``).
     """
 
     rollout_batch_size: int = 8
