@@ -3,7 +3,8 @@
 ``RLConfig`` is built once from the CLI (``grpo.parse_args``) and handed to ``rl_step``; leaf
 functions receive only the scalars they need. ``__post_init__`` rejects every combination the
 loop cannot run, with a message naming the flag.
-Left out: multi-step-off asynchrony (only one step off), a learned value head in the loop (GAE exists as a loss function).
+Left out: multi-step-off asynchrony (only one step off), a learned value head in the loop (GAE
+exists as a loss function).
 """
 
 from __future__ import annotations
