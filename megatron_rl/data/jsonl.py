@@ -2,7 +2,7 @@
 
 Row schema (one JSON object per line; blank lines are skipped):
     prompt    str, non-empty            -- the user turn; XOR `messages`
-    messages  list[{"role", "content"}] -- role in {system, user, assistant}, content str; XOR `prompt`
+    messages  list[{"role", "content"}] -- role in {system, user, assistant, tool}, content str; XOR `prompt`
     label     str                        -- the verifiable answer (required unless require_label=False)
     solution  str                        -- the SFT target for `prompt` rows (optional)
     op        int                        -- difficulty, for the synthetic task (optional)
@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class DatasetError(ValueError):

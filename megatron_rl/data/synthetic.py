@@ -27,8 +27,9 @@ Reward: `verify(response, label)` -> 1.0 / 0.0 on the extracted final answer (la
 else "The answer is N", else the last number), after normalisation.
 
 CLI: python -m megatron_rl.data.synthetic --out DIR --seed N [--n-train N] [--n-eval N]
-[--rl-train-ops 4-5] [--edge-ops 4-5 --edge-frac 0.05]
-writes train.jsonl (id band, plus an optional sparse share of the edge band) and
+[--rl-train-ops 4-5] [--edge-ops 4-5 --edge-frac 0.05] [--tool-frac 0.3]
+writes train.jsonl (id band, plus an optional sparse share of the edge band, and optionally a
+share of rows as calculator tool-use conversations) and
 eval_{id,ood_mid,ood_hard}.jsonl with seeds disjoint from train and no eval prompt equal to a train
 prompt, and optionally rl_train.jsonl.
 """
@@ -150,10 +151,37 @@ def generate(split_or_op_range: str | tuple[int, int], n: int, seed: int, *,
     return rows
 
 
+_STEP = re.compile(r"^\w+ has (.+) = (\d+) \w+\.$")
+
+
+def with_tool_trace(row: dict) -> dict:
+    """The row as a calculator tool-use conversation (``rollout.tools_calc`` format) for SFT:
+    user: prompt; per solution step, assistant: one calc call of the step's expression and tool:
+    its value; then assistant: "The answer is \\boxed{label}.". Keeps label and op; the row
+    becomes a ``messages`` row (no ``prompt`` / ``solution``). Raises ValueError for a row whose
+    solution lines are not ``make_problem``'s."""
+    from megatron_rl.rollout.tools_calc import tool_call_text
+
+    messages = [{"role": "user", "content": row["prompt"]}]
+    for line in row["solution"].split("\n")[:-1]:
+        m = _STEP.match(line)
+        if m is None:
+            raise ValueError(f"not a make_problem solution step: {line!r}")
+        messages += [{"role": "assistant", "content": tool_call_text(m.group(1))},
+                     {"role": "tool", "content": m.group(2)}]
+    messages.append({"role": "assistant", "content": f"The answer is \\boxed{{{row['label']}}}."})
+    return {"messages": messages, "label": row["label"], "op": row["op"]}
+
+
+def row_prompt(row: dict) -> str:
+    """The user prompt of a ``prompt`` or tool-trace ``messages`` row."""
+    return row["prompt"] if "prompt" in row else row["messages"][0]["content"]
+
+
 def write_splits(out_dir: str | Path, seed: int, n_train: int, n_eval: int,
                  splits: dict[str, tuple[int, int]] | None = None,
                  max_value: int = MAX_VALUE, *, edge_ops: tuple[int, int] | None = None,
-                 edge_frac: float = 0.0) -> dict[str, Path]:
+                 edge_frac: float = 0.0, tool_frac: float = 0.0) -> dict[str, Path]:
     """Write train.jsonl (the "id" band) and eval_<split>.jsonl for every split; return the paths.
 
     Eval split k (1-based, in `splits` order) uses seed + k * EVAL_SEED_STRIDE, is de-duplicated and
@@ -166,8 +194,12 @@ def write_splits(out_dir: str | Path, seed: int, n_train: int, n_eval: int,
     "On the Interplay of Pre-Training, Mid-Training, and RL" (arXiv 2512.07783, Sec. 4) finds RL
     needs before it can raise pass@1 there; the eval splits still exclude every train prompt.
 
-    Raises ValueError if seed is outside [0, EVAL_SEED_STRIDE), if edge_frac is outside [0, 1) or
-    set without edge_ops, or if an eval prompt still appears in train (a bug guard).
+    Tool-use traces (optional): round(tool_frac * n_train) train rows, chosen with
+    random.Random(f"gsm-synth-tool:{seed}"), become calculator conversations (``with_tool_trace``).
+
+    Raises ValueError if seed is outside [0, EVAL_SEED_STRIDE), if edge_frac or tool_frac is
+    outside [0, 1) or edge_frac is set without edge_ops, or if an eval prompt still appears in
+    train (a bug guard).
     """
     from megatron_rl.data.jsonl import write_jsonl_atomic
 
@@ -185,7 +217,11 @@ def write_splits(out_dir: str | Path, seed: int, n_train: int, n_eval: int,
     if n_edge:
         train += generate(edge_ops, n_edge, seed + 5 * EVAL_SEED_STRIDE, max_value=max_value)
         random.Random(f"gsm-synth-mix:{seed}").shuffle(train)
-    train_prompts = {r["prompt"] for r in train}
+    if not 0.0 <= tool_frac < 1.0:
+        raise ValueError(f"tool_frac must be in [0, 1), got {tool_frac}")
+    for i in random.Random(f"gsm-synth-tool:{seed}").sample(range(len(train)), round(tool_frac * len(train))):
+        train[i] = with_tool_trace(train[i])
+    train_prompts = {row_prompt(r) for r in train}
     paths = {"train": out / "train.jsonl"}
     write_jsonl_atomic(paths["train"], train)
     for k, (name, rng) in enumerate(splits.items(), start=1):
@@ -278,7 +314,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="op range of the sparse exposure rows mixed into train.jsonl (e.g. 4-5)")
     p.add_argument("--edge-frac", type=float, default=0.0,
                    help="share of train.jsonl drawn from --edge-ops (e.g. 0.05; default 0: none)")
+    p.add_argument("--tool-frac", type=float, default=0.0,
+                   help="share of train.jsonl written as calculator tool-use conversations (default 0)")
     a = p.parse_args(argv)
+    if not 0.0 <= a.tool_frac < 1.0:
+        p.error(f"--tool-frac must be in [0, 1), got {a.tool_frac}")
     if a.edge_frac and not a.edge_ops:
         p.error("--edge-frac needs --edge-ops")
     if not 0.0 <= a.edge_frac < 1.0:
@@ -291,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     splits = {"id": parse(a.id_ops), "ood_mid": parse(a.ood_mid_ops), "ood_hard": parse(a.ood_hard_ops)}
     edge = parse(a.edge_ops) if a.edge_ops else None
     for name, path in write_splits(a.out, a.seed, a.n_train, a.n_eval, splits, a.max_value,
-                                   edge_ops=edge, edge_frac=a.edge_frac).items():
+                                   edge_ops=edge, edge_frac=a.edge_frac, tool_frac=a.tool_frac).items():
         print(f"{name}: {path}")
     if a.rl_train_ops:
         print(f"rl_train: {write_rl_train(a.out, a.seed, a.n_rl_train, parse(a.rl_train_ops), a.max_value)}")
@@ -306,7 +346,7 @@ def write_rl_train(out_dir: str | Path, seed: int, n: int, ops: tuple[int, int],
     from megatron_rl.data.jsonl import load_jsonl, write_jsonl_atomic
 
     out = Path(out_dir)
-    taken = {r["prompt"] for f in sorted(out.glob("eval_*.jsonl")) + [out / "train.jsonl"]
+    taken = {row_prompt(r) for f in sorted(out.glob("eval_*.jsonl")) + [out / "train.jsonl"]
              if f.is_file() for r in load_jsonl(f)}
     rows = generate(ops, n, seed + 4 * EVAL_SEED_STRIDE, exclude=taken, max_value=max_value)
     leaked = [r["prompt"] for r in rows if r["prompt"] in taken]

@@ -13,7 +13,7 @@ recorded routes + flip rate; mismatch metrics, TIS / IcePop / sequence mask) -> 
 (KL on) -> k mini-batch updates (load balancing per mini-batch) -> versioned weight sync -> metrics;
 then periodic eval and checkpoint (model, optimizer, scheduler, RNG, data cursor, rollout buffer).
 Left out: colocated engines releasing memory during training (the launcher has the calls; the
-loop runs engines and trainer disaggregated), partial rollouts, multi-step-off asynchrony, a
+loop runs engines and trainer disaggregated), multi-step-off asynchrony, a
 critic (GAE exists as a loss function only), virtual pipeline stages.
 """
 
@@ -427,6 +427,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
     r.add_argument("--routing-replay", default="off", choices=REPLAY_MODES)
     r.add_argument("--routing-flip-rate", action="store_true",
                    help="ask the engines for their routes and log the top-k flip rate vs the trainer")
+    r.add_argument("--partial-rollout", action="store_true",
+                   help="abort generations still running once a step has enough groups; continue them next step")
+    r.add_argument("--partial-rollout-extra-groups", type=int, default=1,
+                   help="groups generated beyond --rollout-batch-size per step (with --partial-rollout)")
+    from megatron_rl.rollout.multiturn import add_multiturn_args, check_multiturn_args
+
+    add_multiturn_args(p)
     r.add_argument("--eval-interval", type=int, default=0, help="0: only at the end")
     r.add_argument("--eval-n-samples", type=int, default=4)
     r.add_argument("--eval-max-prompts", type=int, default=64)
@@ -454,6 +461,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
         p.error(f"--ref-hf {cfg.ref_hf}: no config.json there (an HF checkpoint dir is expected)")
     if args.moe_aux_loss_coeff > 0 and cfg.lbl_mode != "off":
         p.error("--lbl-mode and --moe-aux-loss-coeff are two load-balancing losses; use one")
+    check_multiturn_args(p, args, cfg)
     args.train_steps = cfg.num_steps * cfg.mini_batches_per_rollout  # LR schedule in optimizer steps
     return args, cfg
 
@@ -518,6 +526,7 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     from megatron_rl.data.jsonl import check_prompt_lengths, load_jsonl_with_lines
     from megatron_rl.parallel import destroy_parallel
     from megatron_rl.rollout.client import SGLangClient
+    from megatron_rl.rollout.multiturn import multiturn_service_fields
     from megatron_rl.rollout.supervisor import EngineSupervisor  # restarts dead engines at each sync
     from megatron_rl.rollout.weight_sync import WeightSync
     from megatron_rl.train import checkpointing as ckpt
@@ -579,7 +588,8 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
                              router_url=launcher.router_url if launcher else None, tokenizer=tok,
                              verifier=verifier, stop_token_ids=() if eot is None else (eot,),
                              return_routed_experts=wants_routes,
-                             routed_experts_layout=_route_layout(tr.config) if wants_routes else None)
+                             routed_experts_layout=_route_layout(tr.config) if wants_routes else None,
+                             **multiturn_service_fields(args, tok))
         weights = WeightSync(SGLangClient(launcher.engine_urls, drop_failed_engines=True) if launcher else None,
                              supervisor=EngineSupervisor(launcher) if launcher else None)
         weights.sync(tr.model, tr.hf_config, version=step)  # engines start from the (resumed) policy
@@ -596,7 +606,8 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
                                    prompts_per_step=cfg.rollout_batch_size, n=cfg.n_samples_per_prompt,
                                    sampling=sampling, dynamic_sampling=cfg.dynamic_sampling,
                                    max_rounds=cfg.dynamic_sampling_max_rounds,
-                                   async_one_step_off=cfg.async_one_step_off)
+                                   async_one_step_off=cfg.async_one_step_off, partial_rollout=cfg.partial_rollout,
+                                   partial_extra=cfg.partial_rollout_extra_groups)
         if state is not None:
             producer.load_state_dict(state["rollout"])
         producer.recover = lambda: weights.sync(tr.model, tr.hf_config, version=weights.version)  # all engines died

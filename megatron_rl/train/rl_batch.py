@@ -3,7 +3,8 @@
 Legend: N samples in the rollout batch, B rows per micro-batch, S = padded length (prompt +
 response, the rollout's longest), every per-token tensor is [B, S] in the *label frame*: position
 t scores ``tokens[t + 1]`` (``labels[t]``), so ``loss_mask[t] = 1`` exactly where ``labels[t]``
-is a response token of a sample whose reward is valid. Position S - 1 and padding are masked.
+is a response token of a sample whose reward is valid (for a multi-turn sample, a policy token:
+``Sample.loss_mask`` is 0 on the environment's tokens). Position S - 1 and padding are masked.
 
 Loss normalisation (see ``losses/policy.py`` and ``engine.masked_token_loss``): ``policy_loss``
 returns this micro-batch's share ``L_mb`` of the mini-batch loss, given the mini-batch's global
@@ -42,6 +43,11 @@ class Sample:
     is_demo: bool = False  # HPT: a demonstration (SFT loss on output_ids), not a rollout
     group: int = -1  # prompt index of the sample within its rollout batch (-1: unknown)
     routed_experts: object = None  # engine routes int [len(prompt + output) - 1, L, K] (R3), or None
+    # multi-turn (rollout.multiturn): per output token 1 = policy, 0 = environment (None: all policy)
+    loss_mask: list[int] | None = None
+    turns: list | None = None  # [start, end) of each policy turn in output_ids
+    env_outcomes: list[str] | None = None  # the environment's outcome per turn
+    token_versions: list[int] | None = None  # partial rollouts: policy version of each output token
 
 
 class PromptStream:
@@ -87,6 +93,12 @@ def _place(s: Sample, adv: float, out: dict, r: int, off: int, j: int) -> None:
         lo, hi = off + p - 1, off + n - 1  # label frame: position p-1 scores output_ids[0]
         out["loss_mask"][r, lo:hi] = 1.0
         out["advantages"][r, lo:hi] = float(adv)
+        if s.loss_mask is not None:  # multi-turn: no loss on environment tokens
+            if len(s.loss_mask) != t:
+                raise ValueError(f"sample loss_mask has {len(s.loss_mask)} entries for {t} output tokens")
+            keep = torch.tensor(s.loss_mask, dtype=torch.float32)
+            out["loss_mask"][r, lo:hi] *= keep
+            out["advantages"][r, lo:hi] *= keep
         if s.is_demo:
             out["sft_mask"][r, lo:hi] = 1.0
         elif s.rollout_logprobs:

@@ -3,8 +3,8 @@
 ``RLConfig`` is built once from the CLI (``grpo.parse_args``) and handed to ``rl_step``; leaf
 functions receive only the scalars they need. ``__post_init__`` rejects every combination the
 loop cannot run, with a message naming the flag.
-Left out: partial rollouts (aborting and resuming long generations across steps), multi-step-off
-asynchrony (only one step off), a learned value head in the loop (GAE exists as a loss function).
+Left out: multi-step-off asynchrony (only one step off), a learned value head in the loop (GAE
+exists as a loss function).
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ class RLConfig:
     routing_flip_rate: request the engines' routes every step and log the top-k flip rate between
     them and the trainer's (recorded in the old-logprob pass; with R3 on the replayed routes are
     the engine's by construction, so the metric is only computed without R3).
+    partial_rollout: run ``partial_rollout_extra_groups`` groups more than a step needs, abort what
+    still runs once enough groups are complete and continue it next step (``rollout.partial``).
     """
 
     rollout_batch_size: int = 8
@@ -110,6 +112,8 @@ class RLConfig:
     expert_bias_rate: float = 0.0
     routing_replay: str = "off"
     routing_flip_rate: bool = False
+    partial_rollout: bool = False
+    partial_rollout_extra_groups: int = 1
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -172,6 +176,13 @@ class RLConfig:
         need(self.expert_bias_rate >= 0, f"--expert-bias-rate must be >= 0, got {self.expert_bias_rate}")
         need(self.routing_replay in REPLAY_MODES,
              f"--routing-replay must be one of {REPLAY_MODES}, got {self.routing_replay!r}")
+
+        need(self.partial_rollout_extra_groups >= 1,
+             f"--partial-rollout-extra-groups must be >= 1, got {self.partial_rollout_extra_groups}")
+        need(not (self.partial_rollout and self.dynamic_sampling),
+             "--partial-rollout with --dynamic-sampling is not supported; use one")
+        need(not (self.partial_rollout and (self.routing_replay == "r3" or self.routing_flip_rate)),
+             "--partial-rollout cannot give engine routes (R3 / --routing-flip-rate) for continued samples")
 
     @property
     def num_samples(self) -> int:

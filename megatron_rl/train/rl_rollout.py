@@ -11,7 +11,8 @@ on the driver.
 ``RolloutProducer`` builds each RL step's batch on the driver: prompts from the ``PromptStream``,
 dynamic sampling (DAPO: drop zero-variance groups, draw more prompts), and the one-step-off
 asynchronous mode (the next step's rollout runs in a driver thread while this step trains).
-Left out: partial rollouts (aborting long generations and resuming them next step).
+Partial rollouts (``--partial-rollout``): ``rollout.partial.produce_partial``; multi-turn samples
+(``--env``): ``rollout.multiturn`` via ``RolloutService.env``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class RolloutService:
 
     return_routed_experts: bool = False  # R3: engines return routes (the router drops them)
     routed_experts_layout: tuple[int, int] | None = None  # (MoE layers, top_k) of the routes
+    # multi-turn (rollout.multiturn): the environment rewards the samples instead of the verifier
+    env: object = None  # rollout.env.Environment, or None (single-turn)
+    multiturn: object = None  # rollout.multiturn.MultiTurnConfig (with env)
+    renderer: object = None  # rollout.multiturn.ChatRenderer of ``tokenizer`` (with env)
+    eval_without_env: bool = False  # also evaluate single-turn (eval/notool_<split>/pass@k)
 
     def _client(self) -> SGLangClient:
         # sglang-router 0.3.2 drops return_routed_experts: with routes, balance over the engines here
@@ -81,7 +87,11 @@ class RolloutService:
         for name, (prompts, labels) in splits.items():
             samples, _ = self.generate_and_score(prompts, labels, n, sampling, f"eval-{name}")
             correct[name] = [[s.reward >= 1.0 for s in samples[i * n:(i + 1) * n]] for i in range(len(prompts))]
-        return {f"eval/{k}": v for k, v in pass_at_k_by_split(correct).items()}
+        out = {f"eval/{k}": v for k, v in pass_at_k_by_split(correct).items()}
+        if self.env is not None and self.eval_without_env:  # the same policy, single-turn, verifier-scored
+            plain = dataclasses.replace(self, env=None, eval_without_env=False)
+            out |= {k.replace("eval/", "eval/notool_", 1): v for k, v in plain.evaluate(splits, n, sampling).items()}
+        return out
 
     def generate_and_score(self, prompts: list[list[int]], labels: list[str], n: int,
                            sampling: SamplingParams, tag: str) -> tuple[list[Sample], dict]:
@@ -93,6 +103,10 @@ class RolloutService:
         and ``perf/rollout_time_s`` / ``perf/reward_time_s`` in seconds. Raises what the client or
         the reward runner raise (an engine short of logprobs, a verifier that fails).
         """
+        if self.env is not None:
+            from megatron_rl.rollout.multiturn import generate_and_score_episodes
+
+            return generate_and_score_episodes(self, prompts, labels, n, sampling, tag)
         t0 = time.perf_counter()
         groups = self._generate(prompts, n, sampling, tag)
         t1 = time.perf_counter()
@@ -115,7 +129,9 @@ def rollout_stats(samples: list[Sample], n: int) -> dict[str, float]:
     lens = [len(s.output_ids) for s in samples]
     groups = [samples[i:i + n] for i in range(0, len(samples), n)]
     counts = [(n, sum(s.reward >= 1.0 for s in g)) for g in groups]
-    return {"rollout/reward_mean": float(rewards.nanmean()),
+    from megatron_rl.rollout.multiturn import multiturn_stats
+
+    return multiturn_stats(samples) | {"rollout/reward_mean": float(rewards.nanmean()),
             "rollout/pass@1": mean_pass_at_k(counts, [1])[1],
             "rollout/response_len_mean": sum(lens) / len(lens),
             "rollout/response_len_max": float(max(lens)),
@@ -155,11 +171,13 @@ class RolloutProducer:
 
     def __init__(self, svc: RolloutService, stream, to_prompt, *, prompts_per_step: int, n: int,
                  sampling, dynamic_sampling: bool = False, max_rounds: int = 1,
-                 async_one_step_off: bool = False):
+                 async_one_step_off: bool = False, partial_rollout: bool = False, partial_extra: int = 1):
         self.svc, self.stream, self.to_prompt = svc, stream, to_prompt
         self.p, self.n, self.sampling = prompts_per_step, n, sampling
         self.dynamic, self.max_rounds, self.async_ = dynamic_sampling, max_rounds, async_one_step_off
         self._pending: tuple[int, Future | StepBatch] | None = None
+        self.partial, self.partial_extra = partial_rollout, partial_extra
+        self.partial_buffer: list = []  # rollout.partial: (row, slots) groups left unfinished
         self._pool = ThreadPoolExecutor(max_workers=1) if (async_one_step_off and svc.is_driver) else None
 
     # -- driver ----------------------------------------------------------------------------------
@@ -174,6 +192,10 @@ class RolloutProducer:
             raise
 
     def _produce_once(self, step: int) -> StepBatch:
+        if self.partial:
+            from megatron_rl.rollout.partial import produce_partial
+
+            return produce_partial(self, step)
         t0 = time.perf_counter()
         kept: list[tuple[dict, list[Sample]]] = []
         dropped: list[tuple[dict, list[Sample]]] = []
@@ -278,10 +300,18 @@ class RolloutProducer:
                 buf = {"step": pstep, "rows": b.rows, "metrics": b.metrics,
                        "samples": [dataclasses.asdict(s) for s in b.samples]}
             state = {"stream": self.stream.state_dict(), "buffer": buf}
+            if self.partial:
+                from megatron_rl.rollout.partial import buffer_state
+
+                state["partial"] = buffer_state(self.partial_buffer)
         return _jsonable(broadcast_from_driver(state))
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state["stream"])
+        if self.partial and self.svc.is_driver:
+            from megatron_rl.rollout.partial import load_buffer
+
+            self.partial_buffer = load_buffer(state.get("partial") or [])
         buf = state.get("buffer")
         if buf is not None and self.svc.is_driver:
             samples = [Sample(**s) for s in buf["samples"]]
