@@ -230,3 +230,23 @@ def test_one_failing_request_does_not_fail_its_batch(tiny_hf_dir):
         assert outs[i]["meta_info"]["finish_reason"]["type"] == "length" and len(outs[i]["output_ids"]) == 5
     assert server.sched.alive
     server.sched.shutdown()
+
+
+def test_api_key_through_launcher_router_and_client(tiny_hf_dir, monkeypatch):
+    from megatron_rl.rollout.client import EngineRequestError, SamplingParams, SGLangClient
+    from megatron_rl.rollout.launcher import EngineLauncher, LaunchConfig
+
+    monkeypatch.setenv("MEGATRON_RL_API_KEY", "k3y")  # what the trainer's launcher and clients read
+    cfg = LaunchConfig(model_path=tiny_hf_dir, num_engines=1, router=True, health_timeout_s=120)
+    assert cfg.api_key == "k3y"
+    sp = SamplingParams(max_new_tokens=3, temperature=0.0)
+    with EngineLauncher(cfg) as launcher:
+        assert call(launcher.engine_urls[0], "/get_server_info")[0] == 401
+
+        async def go(client):
+            async with client as c:
+                return await c.generate([5, 6, 7], sp, rid=f"k{id(c)}")
+        for client in (SGLangClient(launcher.engine_urls), SGLangClient(router_url=launcher.router_url)):
+            assert len(asyncio.run(go(client)).output_ids) == 3
+        with pytest.raises(EngineRequestError):
+            asyncio.run(go(SGLangClient(launcher.engine_urls, api_key="wrong", retries=0)))
