@@ -12,7 +12,8 @@ python/sglang/srt/layers/sampler.py `top_k_top_p_min_p_sampling_from_probs_torch
  3. greedy rows (temperature < 1e-6 or top_k == 1): argmax, first index on ties;
     other rows: probs = softmax(l / temperature), sorted descending; entries of rank >= top_k, those
     past the top_p mass (cumsum - p > top_p) and those below min_p * max(probs) are zeroed;
-    the kept mass is sampled by inverse CDF with ONE uniform draw from the request's own
+    the kept mass is sampled by inverse CDF (over the sorted order; over the vocab order for rows
+    without top_k/top_p/min_p, skipping the sort) with ONE uniform draw from the request's own
     torch.Generator per step, so a row's token depends only on its own logits and seed, never on
     what else shares the batch (SGLang hashes (seed, position) for the same property).
 Reported logprobs: log_softmax(l / temperature) after steps 1-2 (before top-k/p/min-p, which only
@@ -89,18 +90,36 @@ def sample(logits: torch.Tensor, rows: list[Row], eos_ids: set[int], original: b
     """
     adjusted = adjust_logits(logits, rows, eos_ids)
     greedy = [r.params.greedy for r in rows]
-    temps = torch.tensor([1.0 if g or original else r.params.temperature for g, r in zip(greedy, rows)],
+    temps = torch.tensor([1.0 if g else r.params.temperature for g, r in zip(greedy, rows)],
                          device=adjusted.device)
-    logprobs = torch.log_softmax(adjusted / temps.unsqueeze(1), dim=-1)
+    logprobs = torch.log_softmax(adjusted if original else adjusted / temps.unsqueeze(1), dim=-1)
     tokens = torch.argmax(adjusted, dim=-1).tolist()
-    if not all(greedy):
-        kept, order = filtered_probs(adjusted, rows)
-        cdf = torch.cumsum(kept, dim=-1)
-        u = torch.tensor([float(torch.rand((), generator=r.generator)) if not g else 0.0
-                          for g, r in zip(greedy, rows)], dtype=cdf.dtype, device=cdf.device)
-        idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)
-        last = (kept > 0).sum(dim=1, keepdim=True) - 1  # zeros form a suffix of the sorted row
-        idx = torch.minimum(idx, last.clamp(min=0))
-        drawn = order.gather(1, idx).squeeze(1).tolist()
-        tokens = [t if g else d for t, d, g in zip(tokens, drawn, greedy)]
+    plain = [i for i, (g, r) in enumerate(zip(greedy, rows)) if not g and not _truncates(r.params)]
+    cut = [i for i, (g, r) in enumerate(zip(greedy, rows)) if not g and _truncates(r.params)]
+    if plain:  # no top-k/p/min-p: inverse CDF over the vocab order (no sort needed)
+        probs = torch.softmax(adjusted[plain] / temps[plain].unsqueeze(1), dim=-1)
+        drawn = _inverse_cdf(probs, [rows[i] for i in plain])
+        for i, t in zip(plain, drawn.tolist()):
+            tokens[i] = t
+    if cut:
+        sub = [rows[i] for i in cut]
+        kept, order = filtered_probs(adjusted[cut], sub)
+        drawn = order.gather(1, _inverse_cdf(kept, sub).unsqueeze(1)).squeeze(1)
+        for i, t in zip(cut, drawn.tolist()):
+            tokens[i] = t
     return tokens, logprobs
+
+
+def _truncates(p: SamplingParams) -> bool:
+    return p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
+
+
+def _inverse_cdf(probs: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """Column index per row of probs [B, V] (unnormalised, >= 0), one uniform per row from its generator."""
+    cdf = torch.cumsum(probs, dim=-1)
+    u = torch.tensor([float(torch.rand((), generator=r.generator)) for r in rows], dtype=cdf.dtype,
+                     device=cdf.device)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    # never land on a zero-probability column (u * total can round up to the total)
+    last = probs.shape[1] - 1 - torch.argmax((probs.flip(1) > 0).to(torch.int8), dim=1)
+    return torch.minimum(idx, last)

@@ -305,13 +305,14 @@ class Scheduler:
         eos = self.runner.eos_token_ids
         try:
             toks, lps = sample(logits[active], sub, eos, self.original_logprobs)
-            results = [(t, lps[j]) for j, t in enumerate(toks)]
+            chosen = lps.gather(1, torch.tensor(toks, device=lps.device).unsqueeze(1)).squeeze(1).tolist()
+            results = [(t, chosen[j], lps[j]) for j, t in enumerate(toks)]
         except Exception:  # noqa: BLE001 - find the row(s) at fault one by one
             results = []
             for j, r in enumerate(sub):
                 try:
                     t, lp = sample(logits[active[j]:active[j] + 1], [r], eos, self.original_logprobs)
-                    results.append((t[0], lp[0]))
+                    results.append((t[0], float(lp[0, t[0]]), lp[0]))
                 except Exception as e:  # noqa: BLE001
                     log.exception("sampling for %s failed", r.rid)
                     results.append(e)
@@ -327,11 +328,11 @@ class Scheduler:
                 self._fail(r, f"engine error: {e!r}")
         return still
 
-    def _append(self, r: Request, tok: int, lprow: torch.Tensor) -> bool:
-        """Record token `tok` (logprob row float32 [V]); finish if it stops. True while still running."""
+    def _append(self, r: Request, tok: int, logprob: float, lprow: torch.Tensor) -> bool:
+        """Record token `tok` with its logprob (row: float32 [V]); finish if it stops. True while running."""
         r.output_ids.append(tok)
         if r.return_logprob:
-            r.logprobs.append(float(lprow[tok]))
+            r.logprobs.append(logprob)
             if r.top_logprobs_num > 0:
                 v, ix = torch.topk(lprow, min(r.top_logprobs_num, lprow.numel()))
                 r.top_logprobs.append(list(zip(v.tolist(), ix.tolist())))
