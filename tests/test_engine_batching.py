@@ -140,3 +140,22 @@ def test_routed_experts_per_request_in_a_batch(url, hf):
         clear = (vals[..., K - 1] - vals[..., K]) > 1e-4  # positions whose top-k is not a near tie
         same = np.sort(got, -1) == np.sort(ref[: len(seq) - 1].numpy(), -1)
         assert same.all(-1)[clear[: len(seq) - 1].numpy()].all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_engine_on_cuda_matches_cpu_hf(tiny_hf_dir):
+    from conftest import load_tool
+
+    figures = {}
+    assert load_tool("gpu_check_engine").check_parity(tiny_hf_dir, figures) == []
+    assert figures["cuda_vs_cpu_logprob_max_abs_diff"]["value"] < 1e-3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only answer of the GPU check")
+def test_gpu_check_engine_says_skipped_without_cuda(tmp_path):
+    from conftest import load_tool
+
+    assert load_tool("gpu_check_engine").main([str(tmp_path)]) == 0
+    rec = __import__("json").loads((tmp_path / "engine.json").read_text())
+    assert rec == {"status": "skipped", "figures": {}, "skipped": {"engine": "no CUDA device"}}
