@@ -219,3 +219,18 @@ def test_no_stop_trim_keeps_the_stop(url, hf):
     kept = _gen(url, {"input_ids": ids, "sampling_params": {**sp, "no_stop_trim": True}})
     assert trimmed["output_ids"] == kept["output_ids"] == full[: k + 1]
     assert trimmed["text"] == tok.decode(full[:k]) and kept["text"] == tok.decode(full[: k + 1])
+
+
+def test_input_logprobs_of_a_mixed_batch(url, hf):
+    model, tok = hf
+    prompts = [tok.encode("(1+2)*(3+4)=21"), tok.encode("9="), tok.encode("12*3+5=41")]
+    starts = [-1, 0, 2]
+    outs = _gen(url, {"input_ids": prompts, "sampling_params": {"max_new_tokens": 1}, "return_logprob": True,
+                      "logprob_start_len": starts})
+    for ids, start, out in zip(prompts, starts, outs):
+        first = len(ids) - 1 if start < 0 else start
+        ref = torch.log_softmax(_hf_logits(model, ids), -1)
+        got = out["meta_info"]["input_token_logprobs"]
+        assert [t for _, t, _ in got] == ids[first:]
+        for j, (lp, t, _) in zip(range(first, len(ids)), got):
+            assert (lp is None) if j == 0 else abs(lp - ref[j - 1, t].item()) < 1e-5

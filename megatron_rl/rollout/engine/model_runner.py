@@ -97,12 +97,12 @@ class ModelRunner:
 
     # -- forward ------------------------------------------------------------------------------------
     def _run(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache,
-             keep_all: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One forward: ids/pos long [B, T], mask long [B, S+T] -> (float32 logits [B, T|1, V],
-        routes int32 [B, T, L, K] or None)."""
+             keep_last: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward: ids/pos long [B, T], mask long [B, S+T] -> (float32 logits of the last
+        `keep_last` positions [B, keep_last, V], routes int32 [B, T, L, K] or None)."""
         self._routes = []
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                         use_cache=True, logits_to_keep=0 if keep_all else 1)
+                         use_cache=True, logits_to_keep=keep_last)
         routes = None
         if self._routes:
             b, t = ids.shape
@@ -111,12 +111,13 @@ class ModelRunner:
         return out.logits.to(torch.float32), routes
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[list[int]], keep_all_logits: bool = False
-                ) -> tuple[KVBatch, torch.Tensor, list[torch.Tensor] | None, list[np.ndarray] | None]:
+    def prefill(self, seqs: list[list[int]], keep_last: int = 1
+                ) -> tuple[KVBatch, torch.Tensor, list[torch.Tensor], list[np.ndarray] | None]:
         """Batched prefill of N prompts (left-padded to the longest, P_max).
 
         Returns (KVBatch of N rows, last-position float32 logits [N, V] on the device,
-        per-row float32 logits [P_i, V] of every prompt position if `keep_all_logits` else None,
+        per-row float32 logits [min(keep_last, P_i), V] of the prompt's LAST positions (only those
+        are projected to the vocab: input logprobs need no more),
         per-row routes int32 [P_i, L, K] (numpy) or None for a dense model).
         """
         p_max = max(len(s) for s in seqs)
@@ -128,13 +129,14 @@ class ModelRunner:
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(dim=1) - 1).clamp_(min=0)
         cache = DynamicCache(config=self.model.config)
-        logits, routes = self._run(ids, mask, pos, cache, keep_all_logits)
-        full = [logits[i, p_max - len(s):] for i, s in enumerate(seqs)] if keep_all_logits else None
+        keep_last = max(1, min(keep_last, p_max))
+        logits, routes = self._run(ids, mask, pos, cache, keep_last)
+        tails = [logits[i, max(keep_last - len(s), 0):] for i, s in enumerate(seqs)]
         per_row = None
         if routes is not None:
             r = routes.cpu().numpy()
             per_row = [r[i, p_max - len(s):] for i, s in enumerate(seqs)]
-        return KVBatch(cache, mask), logits[:, -1], full, per_row
+        return KVBatch(cache, mask), logits[:, -1], tails, per_row
 
     @torch.inference_mode()
     def decode(self, kv: KVBatch, tokens: list[int]) -> tuple[torch.Tensor, np.ndarray | None]:

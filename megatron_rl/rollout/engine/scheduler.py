@@ -231,9 +231,10 @@ class Scheduler:
 
     def _prefill(self, new: list[Request]) -> None:
         """One batched forward over the admitted prompts; sample their first tokens; merge the survivors."""
-        keep_all = any(r.return_logprob for r in new)
+        # input logprobs of positions start..P-1 need the logits of positions start-1..P-1
+        keep = max([len(r.input_ids) - max(self._start(r) - 1, 0) for r in new if r.return_logprob] + [1])
         try:
-            kv, last, full, routes = self.runner.prefill([r.input_ids for r in new], keep_all_logits=keep_all)
+            kv, last, tails, routes = self.runner.prefill([r.input_ids for r in new], keep_last=keep)
         except Exception as e:  # noqa: BLE001 - fail this forward's requests, keep serving
             log.exception("prefill of %d requests failed", len(new))
             for r in new:
@@ -244,7 +245,7 @@ class Scheduler:
                 if routes is not None and r.return_routed_experts:
                     r.routes.append(routes[i])
                 if r.return_logprob:
-                    self._input_logprobs(r, full[i])
+                    self._input_logprobs(r, tails[i])
             except Exception as e:  # noqa: BLE001
                 log.exception("request %s failed", r.rid)
                 self._fail(r, f"engine error: {e!r}")
@@ -344,18 +345,25 @@ class Scheduler:
             self._emit(r)
         return True
 
-    def _input_logprobs(self, r: Request, logits: torch.Tensor) -> None:
-        """SGLang's input_token_logprobs for prompt positions logprob_start_len..P-1 (float32 logits
-        [P, V] of the prompt; position j's logprob is log_softmax(logits[j-1])[x_j], unscaled)."""
-        start = len(r.input_ids) - 1 if r.logprob_start_len < 0 else r.logprob_start_len
-        lp = torch.log_softmax(logits[max(start - 1, 0):-1], dim=-1) if start < len(r.input_ids) else None
-        for j in range(start, len(r.input_ids)):
+    @staticmethod
+    def _start(r: Request) -> int:
+        """First prompt position with an input logprob (SGLang: -1 means the last prompt token)."""
+        return len(r.input_ids) - 1 if r.logprob_start_len < 0 else r.logprob_start_len
+
+    def _input_logprobs(self, r: Request, tail: torch.Tensor) -> None:
+        """SGLang's input_token_logprobs for prompt positions start..P-1 from float32 logits
+        `tail` [T, V] of the prompt's last T positions (T >= P - start + 1, or all P): position j's
+        logprob is log_softmax(logits[j-1])[x_j] (unscaled), position 0 has none."""
+        n, start = len(r.input_ids), self._start(r)
+        first = n - tail.shape[0]  # prompt position of tail[0]
+        lp = torch.log_softmax(tail, dim=-1)
+        for j in range(start, n):
             tok = r.input_ids[j]
             if j == 0:
                 r.input_logprobs.append((None, tok))
                 r.input_top_logprobs.append(None)
                 continue
-            row = lp[j - 1 - max(start - 1, 0)]
+            row = lp[j - 1 - first]
             r.input_logprobs.append((float(row[tok]), tok))
             if r.top_logprobs_num > 0:
                 v, ix = torch.topk(row, min(r.top_logprobs_num, row.numel()))
