@@ -23,8 +23,9 @@ Reported per concurrency (wall = first send to last answer of that level, second
     mean out = mean generated tokens per request
 Paired baseline (--hf-baseline, on by default): in-process HF transformers `generate` over ONE left-padded
 batch of the same prompts and model (do_sample, temperature 1, the same max_new_tokens, stopping
-each row at EOS like the engine), on torch.set_num_threads(engines * threads-per-engine) -- the same
-CPU budget -- run before the engines start. Reported: HF gen tok/s (tokens up to and including each
+each row at EOS like the engine), on torch.set_num_threads(--hf-threads) (default 1, the issue's
+baseline: on a shared 2-core machine 2 OpenMP threads under load ran 5-10x SLOWER than 1), run
+before the engines start. Reported: HF gen tok/s (tokens up to and including each
 row's EOS / wall) and, per concurrency, `vs HF` = engine gen tok/s / HF gen tok/s.
 The numbers depend on machine load: the run records os.getloadavg() before and after.
 """
@@ -167,6 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-running-requests", type=int, default=64, help="per engine")
     p.add_argument("--threads-per-engine", type=int, default=1, help="OMP_NUM_THREADS of each engine")
     p.add_argument("--json", help="write {config, load, rows} here")
+    p.add_argument("--hf-threads", type=int, default=1, help="torch threads of the HF baseline")
     p.add_argument("--no-hf-baseline", dest="hf_baseline", action="store_false",
                    help="skip the paired in-process batched HF generate baseline")
     a = p.parse_args(argv)
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"max_new_tokens {a.max_new_tokens}, loadavg {load_before}", flush=True)
         hf = None
         if a.hf_baseline:
-            hf = hf_baseline(model, prompts, a.max_new_tokens, a.seed, a.engines * a.threads_per_engine)
+            hf = hf_baseline(model, prompts, a.max_new_tokens, a.seed, a.hf_threads)
             print(f"HF batched generate ({hf['threads']} threads): {hf['gen_tokens']} tokens in "
                   f"{hf['wall_s']:.2f} s = {hf['gen_tok_per_s']:.1f} gen tok/s", flush=True)
         print(format_table([]), flush=True)
