@@ -182,7 +182,7 @@ setup(
         "te": ["transformer-engine[pytorch]>=2.0"],
         "sglang": ["sglang>=0.4.6"],
         "modelopt": ["nvidia-modelopt>=0.27"],
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100", "openai>=1.40"],
     },
     ext_modules=EXT_MODULES,
     cmdclass={"build_ext": OptionalBuildExt},

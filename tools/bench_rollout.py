@@ -2,7 +2,8 @@
 
     python tools/bench_rollout.py [--model HF_DIR] [--engines 2] [--concurrency 1,4,16,64]
                                   [--num-prompts 64] [--max-new-tokens 64] [--seed 0]
-                                  [--max-running-requests 8] [--threads-per-engine 1] [--json OUT]
+                                  [--max-running-requests 64] [--threads-per-engine 1] [--json OUT]
+                                  [--no-hf-baseline]
 
 Stack: `EngineLauncher` starts K `python -m megatron_rl.rollout.engine` processes (each with
 OMP_NUM_THREADS=--threads-per-engine) and `sglang_router.launch_router` (round robin) on free
@@ -20,6 +21,12 @@ Reported per concurrency (wall = first send to last answer of that level, second
     p50 / p95 latency = percentiles (numpy, linear) of per-request seconds from send (after the
                         request got one of the `level` slots) to answer, router + engine queueing included
     mean out = mean generated tokens per request
+Paired baseline (--hf-baseline, on by default): in-process HF transformers `generate` over ONE left-padded
+batch of the same prompts and model (do_sample, temperature 1, the same max_new_tokens, stopping
+each row at EOS like the engine), on torch.set_num_threads(--hf-threads) (default 1, the issue's
+baseline: on a shared 2-core machine 2 OpenMP threads under load ran 5-10x SLOWER than 1), run
+before the engines start. Reported: HF gen tok/s (tokens up to and including each
+row's EOS / wall) and, per concurrency, `vs HF` = engine gen tok/s / HF gen tok/s.
 The numbers depend on machine load: the run records os.getloadavg() before and after.
 """
 
@@ -60,6 +67,36 @@ def build_prompts(model_dir: str, n: int, seed: int) -> list[list[int]]:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     return [build_prompt_ids(tok, row) for row in generate("id", n, seed)]
+
+
+def hf_baseline(model_dir: str, prompts: list[list[int]], max_new_tokens: int, seed: int, threads: int) -> dict:
+    """Batched HF `generate` on all prompts at once (left padding + attention mask); returns tok/s."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        eos = model.generation_config.eos_token_id
+        eos = set([eos] if isinstance(eos, int) else (eos or []))
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        torch.manual_seed(seed)
+        with torch.no_grad():  # warm-up call, untimed
+            model.generate(ids[:2], attention_mask=mask[:2], do_sample=True, max_new_tokens=2, pad_token_id=0)
+            t0 = time.perf_counter()
+            out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=0)
+            wall = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(old)
+    n_tokens = 0
+    for row in out[:, width:].tolist():
+        stop = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        n_tokens += stop
+    return {"gen_tokens": n_tokens, "wall_s": wall, "gen_tok_per_s": n_tokens / wall, "threads": threads}
 
 
 async def run_level(client: SGLangClient, prompts: list[list[int]], max_new_tokens: int, seed: int,
@@ -128,9 +165,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=64, help="requests per concurrency level")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="data seed and base sampling seed")
-    p.add_argument("--max-running-requests", type=int, default=8, help="per engine")
+    p.add_argument("--max-running-requests", type=int, default=64, help="per engine")
     p.add_argument("--threads-per-engine", type=int, default=1, help="OMP_NUM_THREADS of each engine")
     p.add_argument("--json", help="write {config, load, rows} here")
+    p.add_argument("--hf-threads", type=int, default=1, help="torch threads of the HF baseline")
+    p.add_argument("--no-hf-baseline", dest="hf_baseline", action="store_false",
+                   help="skip the paired in-process batched HF generate baseline")
     a = p.parse_args(argv)
     a.levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
     if a.engines < 1 or a.num_prompts < 1 or not a.levels or min(a.levels) < 1:
@@ -152,16 +192,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
         load_before = os.getloadavg()
         print(f"{a.engines} engines, {len(prompts)} prompts (mean {np.mean([len(p) for p in prompts]):.1f} tokens), "
               f"max_new_tokens {a.max_new_tokens}, loadavg {load_before}", flush=True)
+        hf = None
+        if a.hf_baseline:
+            hf = hf_baseline(model, prompts, a.max_new_tokens, a.seed, a.hf_threads)
+            print(f"HF batched generate ({hf['threads']} threads): {hf['gen_tokens']} tokens in "
+                  f"{hf['wall_s']:.2f} s = {hf['gen_tok_per_s']:.1f} gen tok/s", flush=True)
         print(format_table([]), flush=True)
         with EngineLauncher(cfg) as launcher:
             rows = asyncio.run(bench(launcher, prompts, a.levels, a.max_new_tokens, a.seed))
         load_after = os.getloadavg()
+    for row in rows:
+        row["vs_hf"] = row["gen_tok_per_s"] / hf["gen_tok_per_s"] if hf else None
     print(f"\n{format_table(rows)}\nloadavg before {load_before}, after {load_after}, cpus {os.cpu_count()}")
+    if hf:
+        print("engine / HF batched generate (gen tok/s): " +
+              ", ".join(f"c={r['concurrency']}: {r['vs_hf']:.2f}x" for r in rows))
     if a.json:
         out = {"config": {k: v for k, v in vars(a).items() if k != "json"}, "model": a.model or "tiny (temp)",
                "prompt_tokens_mean": float(np.mean([len(p) for p in prompts])),
-               "loadavg_before": load_before, "loadavg_after": load_after, "cpu_count": os.cpu_count(), "rows": rows}
-        Path(a.json).write_text(json.dumps(out, indent=2))
+               "loadavg_before": load_before, "loadavg_after": load_after, "cpu_count": os.cpu_count(), "rows": rows,
+               "hf_baseline": hf}
+        tmp_out = Path(f"{a.json}.tmp")
+        tmp_out.write_text(json.dumps(out, indent=2))
+        os.replace(tmp_out, a.json)
     return rows
 
 

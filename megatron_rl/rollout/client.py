@@ -28,6 +28,7 @@ import base64
 import itertools
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -154,7 +155,8 @@ class SGLangClient:
 
     def __init__(self, urls: Sequence[str] = (), *, router_url: str | None = None, max_concurrency: int = 64,
                  timeout_s: float = 600.0, retries: int = 2, engine_kind: EngineKind = "embedded",
-                 routed_experts_layout: tuple[int, int] | None = None, drop_failed_engines: bool = False):
+                 routed_experts_layout: tuple[int, int] | None = None, drop_failed_engines: bool = False,
+                 api_key: str | None = None):
         if not urls and not router_url:
             raise ValueError("SGLangClient needs engine urls and/or a router_url")
         self.urls = [u.rstrip("/") for u in urls]
@@ -165,6 +167,9 @@ class SGLangClient:
         self.dead_engines: list[str] = []
         self.router_dead = False
         self.n_retried = 0
+        # SGLang's --api-key (Authorization: Bearer KEY); default $MEGATRON_RL_API_KEY like LaunchConfig
+        key = api_key if api_key is not None else os.environ.get("MEGATRON_RL_API_KEY")
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._rr = itertools.count()
         self._session: aiohttp.ClientSession | None = None
         self._sem: asyncio.Semaphore | None = None
@@ -175,7 +180,7 @@ class SGLangClient:
         loop = asyncio.get_running_loop()
         if self._session is None or self._loop is not loop or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                                                  connector=aiohttp.TCPConnector(limit=0))
+                                                  connector=aiohttp.TCPConnector(limit=0), headers=self._headers)
             self._sem, self._loop = asyncio.Semaphore(self.max_concurrency), loop
         return self._session
 

@@ -63,6 +63,9 @@ class LaunchConfig:
     health_timeout_s: float = 300.0
     stop_timeout_s: float = 10.0
     log_dir: str | None = None
+    # SGLang's --api-key for every engine and the router (Authorization: Bearer KEY); default from
+    # $MEGATRON_RL_API_KEY, which SGLangClient reads too, so the trainer needs no flag of its own
+    api_key: str | None = field(default_factory=lambda: os.environ.get("MEGATRON_RL_API_KEY") or None)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,10 +74,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def http(method: str, url: str, payload: dict | None = None, timeout: float = 10.0) -> tuple[int, str]:
+def http(method: str, url: str, payload: dict | None = None, timeout: float = 10.0,
+         api_key: str | None = None) -> tuple[int, str]:
     """Blocking HTTP call -> (status, body text); status 0 on connection error."""
     data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **auth})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read().decode(errors="replace")
@@ -127,7 +132,8 @@ class EngineLauncher:
             base = [sys.executable, "-m", "megatron_rl.rollout.engine", "--model", c.model_path]
         else:
             base = [sys.executable, "-m", "sglang.launch_server", "--model-path", c.model_path]
-        return base + ["--host", c.host, "--port", str(port), *c.extra_args]
+        key = ["--api-key", c.api_key] if c.api_key else []
+        return base + ["--host", c.host, "--port", str(port), *key, *c.extra_args]
 
     def router_command(self, port: int) -> list[str]:
         c = self.cfg
@@ -137,7 +143,7 @@ class EngineLauncher:
                 # router on the host (another job, a baseline eval) panics. A free port instead.
                 *([] if "--prometheus-port" in c.router_args else
                   ["--prometheus-host", c.host, "--prometheus-port", str(free_port(c.host))]),
-                *c.router_args]
+                *(["--api-key", c.api_key] if c.api_key else []), *c.router_args]
 
     def start(self) -> "EngineLauncher":
         atexit.register(self.shutdown)
@@ -227,12 +233,12 @@ class EngineLauncher:
 
     def router_workers(self) -> list[dict]:
         """GET {router}/workers -> the router's worker list ([] if unreachable)."""
-        status, body = http("GET", f"{self.router_url}/workers")
+        status, body = http("GET", f"{self.router_url}/workers", api_key=self.cfg.api_key)
         return json.loads(body).get("workers", []) if status == 200 else []
 
     def add_worker(self, url: str) -> None:
         """Register an already-running engine with the router (POST /workers) and wait until listed."""
-        status, body = http("POST", f"{self.router_url}/workers", {"url": url})
+        status, body = http("POST", f"{self.router_url}/workers", {"url": url}, api_key=self.cfg.api_key)
         if status not in (200, 202):
             raise EngineLaunchError(f"router refused worker {url}: HTTP {status} {body[:300]}")
         deadline = time.monotonic() + self.cfg.health_timeout_s
@@ -255,7 +261,7 @@ class EngineLauncher:
         if self.cfg.mode != "colocated":
             raise RuntimeError(f"{path} is only meaningful in colocated mode (mode={self.cfg.mode!r})")
         for url in self.engine_urls:
-            status, body = http("POST", f"{url}{path}", {}, timeout=600.0)
+            status, body = http("POST", f"{url}{path}", {}, timeout=600.0, api_key=self.cfg.api_key)
             if status != 200:
                 raise EngineLaunchError(f"{url}{path}: HTTP {status} {body[:300]}")
 

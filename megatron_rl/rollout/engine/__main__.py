@@ -16,11 +16,18 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    ap.add_argument("--max-running-requests", type=int, default=8)
+    ap.add_argument("--device", default="cpu", help="torch device of the model, KV cache and sampling (cuda, cuda:1)")
+    ap.add_argument("--max-running-requests", type=int, default=64, help="rows of the running batch")
+    ap.add_argument("--max-queued-requests", type=int, default=4096, help="waiting requests; more get HTTP 503")
+    ap.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (all but GET /health)")
     ap.add_argument("--seed", type=int, default=0, help="base seed for requests without sampling_seed")
     ap.add_argument("--context-length", type=int, default=None, help="default: max_position_embeddings")
     ap.add_argument("--weight-version", default="default")
-    return EngineConfig(**vars(ap.parse_args(argv)))
+    args = ap.parse_args(argv)
+    for flag in ("max_running_requests", "max_queued_requests"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1")
+    return EngineConfig(**vars(args))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,7 +49,10 @@ def _target(params: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     m = _HUB_EXPERT.match(name)
     if m:
         prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
-        if proj == "down_proj" and f"{prefix}.down_proj" in params:
+        stacked = params.get(f"{prefix}.down_proj")
+        if stacked is not None and not 0 <= e < stacked.shape[0]:
+            raise KeyError(f"unknown weight name {name!r}: expert {e} of {stacked.shape[0]}")
+        if proj == "down_proj" and stacked is not None:
             return params[f"{prefix}.down_proj"][e]
         fused = params.get(f"{prefix}.gate_up_proj")
         if fused is not None:
@@ -61,16 +64,24 @@ def _target(params: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 def load_named_tensors(model: torch.nn.Module, named: dict[str, torch.Tensor]) -> int:
     """Copy every tensor into `model` in place (dtype cast to the parameter's). Returns the count.
 
-    All names and shapes are checked before anything is written (no half-applied update).
-    Raises KeyError (unknown name) or ValueError (shape mismatch).
+    All names, shapes, dtypes and values are checked before anything is written (no half-applied
+    update). Raises KeyError (unknown name) or ValueError (shape mismatch; a non-float tensor -- int,
+    bool -- for a floating-point parameter; NaN/inf values).
     """
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     targets = []
     for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name!r} is not a tensor")
         dst = _target(params, name)
         if tuple(dst.shape) != tuple(t.shape):
             raise ValueError(f"shape mismatch for {name!r}: got {tuple(t.shape)}, model has {tuple(dst.shape)}")
+        if dst.is_floating_point():
+            if not t.is_floating_point():
+                raise ValueError(f"dtype mismatch for {name!r}: got {t.dtype}, the parameter is {dst.dtype}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name!r} has non-finite values (NaN or inf)")
         targets.append((dst, t))
     with torch.no_grad():
         for dst, t in targets:
