@@ -182,7 +182,8 @@ setup(
         "te": ["transformer-engine[pytorch]>=2.0"],
         "sglang": ["sglang>=0.4.6"],
         "modelopt": ["nvidia-modelopt>=0.27"],
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3",
+                "accelerate>=1.0"],  # transformers' FP8 loader, read in tests/test_fp8_checkpoint.py
     },
     ext_modules=EXT_MODULES,
     cmdclass={"build_ext": OptionalBuildExt},

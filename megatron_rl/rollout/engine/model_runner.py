@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from megatron_rl.quant import fp8_engine
+
 from .weights import load_named_tensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,8 +54,9 @@ class ModelRunner:
 
     # -- loading ------------------------------------------------------------------------------------
     def load(self, model_path: str) -> None:
-        """(Re)load weights from an HF directory, replacing the model; hooks are re-registered."""
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[self.dtype])
+        """(Re)load weights from an HF directory (bf16/fp32, or blockwise FP8: see quant.fp8_engine),
+        replacing the model; hooks are re-registered."""
+        model = fp8_engine.from_pretrained(model_path, DTYPES[self.dtype])  # FP8-block dirs dequantised
         model.eval().requires_grad_(False)
         for h in self._hooks:
             h.remove()
@@ -104,9 +107,11 @@ class ModelRunner:
     def update_from_tensors(self, named: dict[str, torch.Tensor]) -> int:
         """Copy tensors into the live parameters (names: in-memory or hub per-expert); returns count.
 
-        Raises KeyError for an unknown name, ValueError for a shape mismatch.
+        FP8 payloads (float8_e4m3fn + ``*_scale_inv``) are dequantised first (quant.fp8_engine).
+        Raises KeyError for an unknown name or an FP8 tensor without its scale, ValueError for a
+        shape mismatch.
         """
-        return load_named_tensors(self.model, named)
+        return load_named_tensors(self.model, fp8_engine.dequantize_update(self.model, named))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Token ids -> text; invalid UTF-8 byte sequences become U+FFFD (never raises)."""
