@@ -125,3 +125,40 @@ def add_activation_fake_quant(model: torch.nn.Module, group: int = 128) -> list:
             handles.append(mod.register_forward_pre_hook(hook))
     model.fp8_activation_hooks = len(handles)
     return handles
+
+
+def write_fp8_hf_dir(src: str, dst: str, block=(128, 128)) -> str:
+    """Write a blockwise-FP8 copy of the HF dir ``src`` into ``dst`` (temp dir + rename): the
+    tensors ``quant.fp8.quantize_named`` selects become float8_e4m3fn + ``weight_scale_inv``,
+    config.json gets ``quantization_config``, tokenizer / generation files are copied. This is
+    what ``--rollout-fp8`` starts the engines from (SGLang sizes its FP8 layers from it).
+
+    Returns ``dst``. Raises ValueError for a source that is already FP8, or naming a tensor with
+    NaN/inf values.
+    """
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from megatron_rl.quant.fp8 import quantization_config, quantize_named
+
+    cfg = read_config(src)
+    if cfg.get("quantization_config"):
+        raise ValueError(f"{src}: already quantised (quantization_config present)")
+    named = read_safetensors_dir(src)
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for n in os.listdir(src):
+        if not n.endswith(".safetensors") and n != "model.safetensors.index.json" and os.path.isfile(
+                os.path.join(src, n)):
+            shutil.copy2(os.path.join(src, n), os.path.join(tmp, n))
+    save_file({k: v.contiguous() for k, v in quantize_named(named, block).items()},
+              os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    cfg["quantization_config"] = quantization_config({k: t.dim() for k, t in named.items()}, block)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    if os.path.isdir(dst):
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+    return dst

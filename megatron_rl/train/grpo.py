@@ -425,6 +425,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
     r.add_argument("--routing-replay", default="off", choices=REPLAY_MODES)
     r.add_argument("--routing-flip-rate", action="store_true",
                    help="ask the engines for their routes and log the top-k flip rate vs the trainer")
+    r.add_argument("--rollout-fp8", default="off", choices=["off", "block128"],
+                   help="FP8 rollouts: quantise Linear weights to e4m3 + fp32 scale per 128x128 block at "
+                        "every weight sync; engines start from an FP8 copy of --hf (quant.fp8)")
     r.add_argument("--eval-interval", type=int, default=0, help="0: only at the end")
     r.add_argument("--eval-n-samples", type=int, default=4)
     r.add_argument("--eval-max-prompts", type=int, default=64)
@@ -464,7 +467,11 @@ def _engines(args):
         return
     from megatron_rl.rollout.launcher import EngineLauncher, LaunchConfig
 
-    cfg = LaunchConfig(model_path=args.hf, num_engines=args.num_engines, engine_kind=args.engine_kind,
+    model_path = args.hf
+    if getattr(args, "rollout_fp8", "off") != "off":  # engines load the FP8 layout (quantization_config)
+        from megatron_rl.quant.fp8_engine import write_fp8_hf_dir
+        model_path = write_fp8_hf_dir(args.hf, os.path.join(args.out, "rollout_fp8_hf"))
+    cfg = LaunchConfig(model_path=model_path, num_engines=args.num_engines, engine_kind=args.engine_kind,
                        router=True, log_dir=os.path.join(args.out, "engine_logs"),
                        extra_args=args.engine_extra_args)
     with EngineLauncher(cfg) as launcher:
@@ -563,7 +570,8 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
                              verifier=verifier, stop_token_ids=() if eot is None else (eot,),
                              return_routed_experts=wants_routes,
                              routed_experts_layout=_route_layout(tr.config) if wants_routes else None)
-        weights = WeightSync(SGLangClient(launcher.engine_urls) if launcher else None)
+        weights = WeightSync(SGLangClient(launcher.engine_urls) if launcher else None,
+                             fp8_block=(128, 128) if args.rollout_fp8 == "block128" else None)
         weights.sync(tr.model, tr.hf_config, version=step)  # engines start from the (resumed) policy
         eval_temperature = cfg.temperature if cfg.eval_temperature is None else cfg.eval_temperature
         eval_sampling = SamplingParams(temperature=eval_temperature, top_p=cfg.top_p,
