@@ -428,6 +428,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
     r.add_argument("--rollout-fp8", default="off", choices=["off", "block128"],
                    help="FP8 rollouts: quantise Linear weights to e4m3 + fp32 scale per 128x128 block at "
                         "every weight sync; engines start from an FP8 copy of --hf (quant.fp8)")
+    r.add_argument("--fp8-qat", action="store_true",
+                   help="FP8 quantisation-aware RL: ModelOpt blockwise-e4m3 fake-quant of the Linear / expert "
+                        "weights (straight-through gradients), the engine's FP8 numerics (quant.qat)")
     r.add_argument("--eval-interval", type=int, default=0, help="0: only at the end")
     r.add_argument("--eval-n-samples", type=int, default=4)
     r.add_argument("--eval-max-prompts", type=int, default=64)
@@ -533,6 +536,9 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     if cfg.routing_replay != "off" or cfg.routing_flip_rate:
         from megatron_rl.moe.routing_replay import enable_routing_replay as hook
     tr, tok, _ = setup(args, tconfig_hook=hook)
+    if args.fp8_qat:
+        from megatron_rl.quant.qat import apply_fp8_qat
+        apply_fp8_qat(tr.model)
     rank0 = torch.distributed.get_rank() == 0
     stream = PromptStream(train_rows, cfg.seed)
     evals = {name: ([build_prompt_ids(tok, r) for r in rows], [r["label"] for r in rows])
