@@ -163,3 +163,14 @@ def test_activation_fake_quant_vs_float64():
             bound = torch.maximum(blk.abs() * E4M3_REL, torch.full_like(blk, s * E4M3_SUB)) * (1 + 1e-5)
             assert (err <= bound).all()
             assert (y[t, j:j + 128].double() - blk).abs().max() > 0 or s == 0
+
+
+def test_gpu_check_without_cuda_writes_skipped(tmp_path, monkeypatch):
+    import json
+
+    from conftest import load_tool
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load_tool("gpu_check_fp8").main(str(tmp_path)) == 0
+    got = json.loads((tmp_path / "fp8.json").read_text())
+    assert got == {"status": "skipped", "figures": {}, "skipped": {"all": "no CUDA device"}}
