@@ -28,6 +28,17 @@ def _ref_qdq(w: torch.Tensor, bn: int = 128, bk: int = 128) -> torch.Tensor:
     return out
 
 
+def _qat_export(model, names, hf) -> dict:
+    from megatron_rl.checkpoint.export import iter_hf_tensors
+    from megatron_rl.quant.qat import qdq_weight
+
+    with torch.no_grad():
+        for n in names:
+            sub = model.get_submodule(n)
+            sub.weight.copy_(qdq_weight(sub))
+    return {k: t.clone() for b in iter_hf_tensors(model, hf) for k, t in b.items()}
+
+
 def _worker(rank: int, world: int, hf_dir: str) -> dict:
     from megatron_rl.checkpoint.export import iter_hf_tensors
     from megatron_rl.checkpoint.hf_loader import load_hf_weights
@@ -52,15 +63,20 @@ def _worker(rank: int, world: int, hf_dir: str) -> dict:
     res.update(w=w.clone(), x=x.detach().clone(), y=y.detach().clone(), g=g, grad_w=mod.weight.grad.clone(),
                grad_x=x.grad.clone())
     # the fake-quantised model exported to HF names vs the engine's FP8 rule on the plain export
-    plain = {k: t.clone() for b in iter_hf_tensors(model, hf) for k, t in b.items()}
-    saved = {}
-    with torch.no_grad():
-        for n in res["names"]:
-            sub = model.get_submodule(n)
-            saved[n] = sub.weight.detach().clone()
-            sub.weight.copy_(qdq_weight(sub))
-    res["qat_export"] = {k: t.clone() for b in iter_hf_tensors(model, hf) for k, t in b.items()}
-    res["plain_export"] = plain
+    res["plain_export"] = {k: t.clone() for b in iter_hf_tensors(model, hf) for k, t in b.items()}
+    # the qkv layer under QAT: forward with the HF-block weights, STE gradient
+    qkv = model.decoder.layers[2].self_attention.linear_qkv
+    xq = torch.randn(4, 1, qkv.weight.shape[1], generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    yq, _ = qkv(xq)
+    gq = torch.randn(yq.shape, generator=torch.Generator().manual_seed(3))
+    (yq * gq).sum().backward()
+    res.update(qkv_x=xq.detach().clone(), qkv_y=yq.detach().clone(), qkv_g=gq, qkv_grad_w=qkv.weight.grad.clone(),
+               qkv_w_qdq=qdq_weight(qkv).clone())
+    res["qat_export"] = _qat_export(model, res["names"], hf)
+    # ModelOpt's own blocks on the fused qkv (align_qkv=False), for comparison
+    model2 = build_model(hf, transformer_config_from_hf(hf, ModelOptions(), tp=1, pp=1, ep=1, etp=1))
+    load_hf_weights(model2, hf_dir, hf)
+    res["modelopt_qkv_export"] = _qat_export(model2, apply_fp8_qat(model2, align_qkv=False), hf)
     destroy_parallel()
     return res
 
@@ -90,19 +106,32 @@ def test_straight_through_gradients(qat):
                                rtol=1e-5, atol=1e-5)  # dx = g W_qdq
 
 
-def test_trainer_weights_vs_engine_weights(qat):
+def test_qkv_layer_uses_hf_blocks_with_ste(qat):
+    x = qat["qkv_x"].double().reshape(-1, qat["qkv_x"].shape[-1])
+    g = qat["qkv_g"].double().reshape(-1, qat["qkv_g"].shape[-1])
+    w = qat["qkv_w_qdq"].double()
+    torch.testing.assert_close(qat["qkv_y"].double().reshape(g.shape), x @ w.T, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(qat["qkv_grad_w"]).all()
+    torch.testing.assert_close(qat["qkv_grad_w"].double(), g.T @ x, rtol=1e-5, atol=1e-5)
+
+
+def _rel_diffs(export: dict, plain: dict) -> dict[str, float]:
     from megatron_rl.quant.fp8 import is_quantized_name
 
-    diffs = {}
-    for k, w in qat["plain_export"].items():
+    out = {}
+    for k, w in plain.items():
         if not is_quantized_name(k):
-            assert torch.equal(qat["qat_export"][k], w), k
+            assert torch.equal(export[k], w), k
             continue
-        engine = _ref_qdq(w)
-        diffs[k] = float((qat["qat_export"][k].double() - engine).abs().max() / w.abs().max())
-    aligned = {k: d for k, d in diffs.items() if not any(p in k for p in ("q_proj", "k_proj", "v_proj"))}
-    qkv = {k: d for k, d in diffs.items() if k not in aligned}
-    print(f"\nQAT vs engine, max relative weight diff: aligned {max(aligned.values()):.2e}, "
-          f"q/k/v {max(qkv.values()):.2e}")
-    assert max(aligned.values()) < 1e-6  # o_proj, experts: the engine's FP8 weights exactly
-    assert max(qkv.values()) > 1e-4  # fused qkv blocks straddle q/k/v: different scales
+        out[k] = float((export[k].double() - _ref_qdq(w)).abs().max() / w.abs().max())
+    return out
+
+
+def test_trainer_weights_vs_engine_weights(qat):
+    diffs = _rel_diffs(qat["qat_export"], qat["plain_export"])
+    mo = _rel_diffs(qat["modelopt_qkv_export"], qat["plain_export"])
+    qkv = [k for k in diffs if any(p in k for p in ("q_proj", "k_proj", "v_proj"))]
+    print(f"\nQAT vs engine, max relative weight diff: all {max(diffs.values()):.2e}; "
+          f"q/k/v with ModelOpt's blocks on the fused tensor {max(mo[k] for k in qkv):.2e}")
+    assert max(diffs.values()) < 1e-6  # every quantised tensor: the engine's FP8 weights
+    assert max(mo[k] for k in qkv) > 1e-4  # ModelOpt's fused-qkv blocks straddle q/k/v
