@@ -12,7 +12,8 @@ token-weighted over MoE layers). For bf16 / FP8 the corrections are reported as 
 this batch: TIS (cap 2) clipped fraction; IcePop ([0.5, 2]) masked fraction and the mismatch of
 the tokens it keeps.
 Configurations: fp32/fp32 (floor), bf16/bf16, bf16/FP8 (none, TIS, IcePop), bf16/FP8 with the
-engine's W8A8 activation fake-quant, FP8-QAT (ModelOpt, bf16 params)/FP8 (needs nvidia-modelopt).
+engine's W8A8 activation fake-quant, FP8-QAT (ModelOpt, bf16 params)/FP8 (needs nvidia-modelopt),
+and the last two in fp32 compute (isolates the weight quantisation from bf16 rounding).
 Left out: multi-rank layouts, the GRPO training comparison (see README).
 """
 
@@ -122,6 +123,8 @@ CONFIGS = [  # name, trainer dtype, QAT, engine dir ("bf16" | "fp8"), engine dty
     ("bf16 train / FP8 rollout", "bf16", False, "fp8", "bf16", False),
     ("bf16 train / FP8 rollout + W8A8 act fake-quant", "bf16", False, "fp8", "bf16", True),
     ("FP8-QAT train / FP8 rollout", "bf16", True, "fp8", "bf16", False),
+    ("fp32 train / FP8 rollout (fp32 compute)", "fp32", False, "fp8", "fp32", False),
+    ("FP8-QAT fp32 train / FP8 rollout (fp32 compute)", "fp32", True, "fp8", "fp32", False),
 ]
 
 
