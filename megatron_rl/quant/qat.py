@@ -64,6 +64,7 @@ def _refresh(module, _args) -> None:
     wq = module.weight_quantizer
     with torch.no_grad():
         wq.disable_quant()
+        wq._calibrator.reset()  # MaxCalibrator keeps a running max across calls otherwise
         wq.enable_calib()
         wq(module.weight.detach())
         wq.load_calib_amax()
