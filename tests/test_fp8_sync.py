@@ -1,5 +1,6 @@
 """FP8 rollouts end to end on CPU: an embedded engine started from an FP8 copy of the tiny model
-(``write_fp8_hf_dir``), ``WeightSync(fp8_block=(128, 128))`` in "tensor" and "disk" modes, versions
+(``write_fp8_hf_dir``), ``WeightSync(fp8_block=(128, 128))`` in "tensor", "disk" and "distributed"
+(gloo) modes, versions
 checked, and the engine's logprobs equal to those of an HF transformers model whose weights are the
 exported Megatron weights quantised / dequantised by a float64 reference written here.
 Also: the engine's optional activation fake-quant against a float64 per-token-group reference."""
@@ -66,6 +67,10 @@ def _worker(rank: int, world: int, hf_dir: str, url: str) -> dict:
     res["versions_tensor"] = WeightSync(SGLangClient([url])).check_versions(2)
     res["disk"] = WeightSync(SGLangClient([url]), mode="disk", fp8_block=(128, 128)).sync(tr.model, hf, version=3)
     res["versions_disk"] = WeightSync(SGLangClient([url])).check_versions(3)
+    dist = WeightSync(SGLangClient([url]), mode="distributed", fp8_block=(128, 128), bucket_bytes=64 * 1024)
+    res["dist"] = dist.sync(tr.model, hf, version=4)  # gloo: FP8 weights travel as uint8 bytes
+    res["versions_dist"] = WeightSync(SGLangClient([url])).check_versions(4)
+    dist.destroy_group()
     res["export"] = {k: t.clone() for b in iter_hf_tensors(tr.model, hf) for k, t in b.items()}
     destroy_parallel()
     return res
@@ -100,6 +105,7 @@ def test_fp8_sync_versions_and_engine_numerics(fp8_engine, tiny_hf_dir):
     url = fp8_engine.engine_urls[0]
     (res,) = run_distributed(_worker, 1, tiny_hf_dir, url)
     assert res["versions_tensor"] == {url: "2"} and res["versions_disk"] == {url: "3"}
+    assert res["versions_dist"] == {url: "4"}
     # fp32 Linear weights -> 1 byte + a scale per block: the payload shrinks
     assert res["tensor"]["sync/bytes"] < 0.5 * res["plain"]["sync/bytes"]
     export = res["export"]
@@ -107,7 +113,7 @@ def test_fp8_sync_versions_and_engine_numerics(fp8_engine, tiny_hf_dir):
     assert len(quantised) == 4 * (4 + 3 * 8)  # q/k/v/o + 8 experts x gate/up/down per layer
     ref = {k: (_ref_qdq(t) if k in quantised else t.double()) for k, t in export.items()}
     samples = asyncio.run(_generate(url))
-    assert {s.weight_version for s in samples} == {"3"}
+    assert {s.weight_version for s in samples} == {"4"}
     want = _hf_logprobs(tiny_hf_dir, ref, samples)
     unquantised = _hf_logprobs(tiny_hf_dir, export, samples)
     for s, w, u in zip(samples, want, unquantised):

@@ -21,7 +21,8 @@ import os
 
 import torch
 
-from megatron_rl.quant.fp8 import dequantize_named, fake_quant_activations, fp8_block_of, is_quantized_name
+from megatron_rl.quant.fp8 import (dequantize_named, fake_quant_activations, fp8_block_of, is_quantized_name,
+                                   scale_name)
 
 ACT_ENV = "MEGATRON_RL_FP8_ACT_FAKE_QUANT"
 
@@ -105,8 +106,12 @@ def from_pretrained(model_path: str, dtype: torch.dtype, fake_quant_activations:
 def dequantize_update(model, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """FP8 weight-update payload -> plain tensors (no-op without float8 tensors / scales).
 
-    Raises KeyError naming an FP8 tensor without its ``weight_scale_inv`` (or the reverse)."""
+    A uint8 tensor with a ``*_scale_inv`` beside it is read as float8_e4m3fn bytes (what
+    "distributed" sync over gloo sends). Raises KeyError naming an FP8 tensor without its
+    ``weight_scale_inv`` (or the reverse)."""
     block = getattr(model, "fp8_weight_block", (128, 128))
+    named = {k: (t.view(torch.float8_e4m3fn) if t.dtype == torch.uint8 and scale_name(k) in named else t)
+             for k, t in named.items()}  # gloo broadcasts carry FP8 weights as uint8 bytes
     return dequantize_named(named, block, torch.float32)
 
 

@@ -30,7 +30,9 @@ loop). backend: "nccl" where CUDA is present, else "gloo" (the embedded CPU engi
 never touches the default (Megatron) group, see ``rollout.update_group``.
 FP8 (``fp8_block=(128, 128)``): each bucket is quantised before it is sent
 (``quant.fp8.quantize_named``: float8_e4m3fn + ``weight_scale_inv`` per block, a weight and its
-scale in the same bucket); "disk" mode writes config.json with the FP8 ``quantization_config``.
+scale in the same bucket); "disk" mode writes config.json with the FP8 ``quantization_config``;
+"distributed" over gloo (no float8 support) sends FP8 weights as uint8 bytes, which the embedded
+engine reinterprets because a ``weight_scale_inv`` accompanies them (``quant.fp8_engine``).
 Left out: LoRA deltas.
 """
 
@@ -227,6 +229,8 @@ class WeightSync:
         """One bucket: announce it over HTTP and broadcast its tensors (in order) concurrently."""
         group = self.group
         tensors = [t.detach().to(group.device).contiguous() for t in bucket.values()]
+        if self.backend == "gloo":  # gloo has no float8: FP8 weights travel as their bytes
+            tensors = [t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in tensors]
 
         def send() -> None:
             for t in tensors:
