@@ -117,12 +117,31 @@ def metrics(train, engine, prompt_len: int) -> dict[str, float]:
             "icepop_kept_k3_kl": float(kept["mismatch/k3_kl"])}
 
 
-CONFIGS = [  # name, trainer dtype, QAT, engine dir ("bf16" | "fp8"), engine dtype, act fake-quant
+def bf16_copy(src: str, dst: str) -> str:
+    """The HF dir with every float tensor rounded to bf16: what a bf16 trainer syncs (the FP8
+    rollout weights of the bf16 rows are quantised from it, as ``--rollout-fp8`` does at sync)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from megatron_rl.quant.fp8_engine import read_safetensors_dir
+
+    os.makedirs(dst)
+    for n in os.listdir(src):
+        if not n.endswith(".safetensors") and n != "model.safetensors.index.json":
+            shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
+    named = {k: (t.to(torch.bfloat16) if t.is_floating_point() else t).contiguous()
+             for k, t in read_safetensors_dir(src).items()}
+    save_file(named, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+CONFIGS = [  # name, trainer dtype, QAT, engine dir, engine dtype, act fake-quant
     ("fp32 train / fp32 rollout", "fp32", False, "plain", "fp32", False),
     ("bf16 train / bf16 rollout", "bf16", False, "plain", "bf16", False),
-    ("bf16 train / FP8 rollout", "bf16", False, "fp8", "bf16", False),
-    ("bf16 train / FP8 rollout + W8A8 act fake-quant", "bf16", False, "fp8", "bf16", True),
-    ("FP8-QAT train / FP8 rollout", "bf16", True, "fp8", "bf16", False),
+    ("bf16 train / FP8 rollout", "bf16", False, "fp8_bf16", "bf16", False),
+    ("bf16 train / FP8 rollout + W8A8 act fake-quant", "bf16", False, "fp8_bf16", "bf16", True),
+    ("FP8-QAT train / FP8 rollout", "bf16", True, "fp8_bf16", "bf16", False),
     ("fp32 train / FP8 rollout (fp32 compute)", "fp32", False, "fp8", "fp32", False),
     ("FP8-QAT fp32 train / FP8 rollout (fp32 compute)", "fp32", True, "fp8", "fp32", False),
 ]
@@ -143,7 +162,9 @@ def main(argv=None) -> dict:
     ids = sample_batch(args.hf, args.prompts, args.new_tokens, args.seed)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = {"plain": args.hf, "fp8": write_fp8_hf_dir(args.hf, os.path.join(tmp, "fp8"))}
+        dirs = {"plain": args.hf, "fp8": write_fp8_hf_dir(args.hf, os.path.join(tmp, "fp8")),
+                "fp8_bf16": write_fp8_hf_dir(bf16_copy(args.hf, os.path.join(tmp, "bf16")),
+                                             os.path.join(tmp, "fp8_bf16"))}
         trainer_cache: dict = {}
         for name, tdt, qat, edir, edt, act in CONFIGS:
             if qat and not has_modelopt():
