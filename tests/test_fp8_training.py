@@ -166,3 +166,21 @@ def test_te_spec_names_export_like_local(tiny_hf_dir):
     assert res["extra_state"] is None
     assert res["equal"] and res["n_hf"] > 0
     assert "CheckpointError" in res["misspelt"] and "layernorm_weight" in res["misspelt"], res["misspelt"]
+
+
+def test_plain_dequantises_te_style_fp8_params():
+    from megatron_rl.checkpoint.te_names import plain, te_to_local_name
+
+    class FakeFloat8Tensor(torch.Tensor):  # TE QuantizedTensor stand-in: a subclass with dequantize()
+        def dequantize(self):
+            return torch.full(self.shape, 7.0)
+
+    p = torch.nn.Parameter(torch.ones(2, 3))
+    d = p.data
+    assert plain(p) is p and plain(d) is d  # plain tensors are not touched
+    q = torch.ones(2, 3).as_subclass(FakeFloat8Tensor)
+    assert type(plain(q)) is torch.Tensor and (plain(q) == 7).all()
+    assert te_to_local_name("decoder.layers.3.mlp.experts.linear_fc2.bias5") == \
+        "decoder.layers.3.mlp.experts.local_experts.5.linear_fc2.bias"
+    assert te_to_local_name("decoder.layers.0.self_attention.linear_q_up_proj.layer_norm_weight") == \
+        "decoder.layers.0.self_attention.q_layernorm.weight"
