@@ -33,6 +33,7 @@ import torch
 from megatron_rl.losses.advantages import grpo_advantages, reinforce_pp_advantages, rloo_advantages
 from megatron_rl.losses.mismatch import mismatch_correction
 from megatron_rl.losses.shaping import overlong_penalty
+from megatron_rl.quant.fp8_engine import add_rollout_fp8_args, rollout_model_path
 from megatron_rl.moe.routing_replay import (RoutingReplay, build_replay_routes, flip_rate_metrics, moe_layer_ids,
                                             routing_flip_counts)
 from megatron_rl.rollout.client import SamplingParams
@@ -425,12 +426,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
     r.add_argument("--routing-replay", default="off", choices=REPLAY_MODES)
     r.add_argument("--routing-flip-rate", action="store_true",
                    help="ask the engines for their routes and log the top-k flip rate vs the trainer")
-    r.add_argument("--rollout-fp8", default="off", choices=["off", "block128"],
-                   help="FP8 rollouts: quantise Linear weights to e4m3 + fp32 scale per 128x128 block at "
-                        "every weight sync; engines start from an FP8 copy of --hf (quant.fp8)")
-    r.add_argument("--fp8-qat", action="store_true",
-                   help="FP8 quantisation-aware RL: ModelOpt blockwise-e4m3 fake-quant of the Linear / expert "
-                        "weights (straight-through gradients), the engine's FP8 numerics (quant.qat)")
+    add_rollout_fp8_args(r)  # --rollout-fp8, --fp8-qat (megatron_rl.quant)
     r.add_argument("--eval-interval", type=int, default=0, help="0: only at the end")
     r.add_argument("--eval-n-samples", type=int, default=4)
     r.add_argument("--eval-max-prompts", type=int, default=64)
@@ -470,10 +466,7 @@ def _engines(args):
         return
     from megatron_rl.rollout.launcher import EngineLauncher, LaunchConfig
 
-    model_path = args.hf
-    if getattr(args, "rollout_fp8", "off") != "off":  # engines load the FP8 layout (quantization_config)
-        from megatron_rl.quant.fp8_engine import write_fp8_hf_dir
-        model_path = write_fp8_hf_dir(args.hf, os.path.join(args.out, "rollout_fp8_hf"))
+    model_path = rollout_model_path(args.hf, args.out, args.rollout_fp8)  # FP8 copy with --rollout-fp8
     cfg = LaunchConfig(model_path=model_path, num_engines=args.num_engines, engine_kind=args.engine_kind,
                        router=True, log_dir=os.path.join(args.out, "engine_logs"),
                        extra_args=args.engine_extra_args)
