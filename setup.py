@@ -181,8 +181,10 @@ setup(
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.0"],
         "sglang": ["sglang>=0.4.6"],
-        "modelopt": ["nvidia-modelopt>=0.27"],
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100", "openai>=1.40"],
+        "modelopt": ["nvidia-modelopt>=0.27", "requests"],  # modelopt.torch imports requests
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100", "openai>=1.40",
+                "accelerate>=1.0",  # transformers' FP8 loader, read in tests/test_fp8_checkpoint.py
+                "nvidia-modelopt>=0.27", "requests"],  # tests/test_fp8_qat.py (skipped without it)
     },
     ext_modules=EXT_MODULES,
     cmdclass={"build_ext": OptionalBuildExt},

@@ -4,6 +4,7 @@
                                         [--overwrite]
     python tools/convert.py mcore-to-hf --ckpt DIR --out DIR [--hf-config DIR] [--tp ...]
                                         [--overwrite] [--max-shard-size 5GB] [--fused-experts]
+                                        [--fp8 block128]
 
 Run as one process (then the layout flags must be 1) or under torchrun with the world size a
 multiple of the layout: every rank builds and holds only its shard, so memory is split.
@@ -20,7 +21,10 @@ initialisation and every one then takes its own tensor's dtype (HF safetensors -
 checkpoint -> HF), so conversion is lossless: bf16, fp32 and mixed-dtype checkpoints come back
 byte-identical; a parameter fused from HF tensors of different dtypes (e.g. a bf16 q_proj with
 an fp32 k_proj) is refused, naming them, rather than cast.
-Left out: virtual pipeline stages, TE layer names, FP8 checkpoints.
+``--fp8 block128``: the Linear weights ``quant.fp8.FP8_RULES`` selects are written as float8_e4m3fn +
+``weight_scale_inv`` per 128x128 block, and config.json gets the DeepSeek-V3 / SGLang
+``quantization_config`` (``quant.fp8.quantization_config``).
+Left out: virtual pipeline stages, reading FP8 checkpoints in hf-to-mcore.
 """
 
 from __future__ import annotations
@@ -195,6 +199,9 @@ def mcore_to_hf(args) -> str:
         load_model_checkpoint(model, args.ckpt, keep_dtype=True)
         buckets = iter_hf_tensors(model, hf_config, fused_experts=args.fused_experts,
                                   bucket_bytes=min(max_shard, 512 * 2**20))
+        ndims: dict[str, int] = {}
+        if getattr(args, "fp8", None):
+            buckets = _fp8_buckets(buckets, ndims)
         if torch.distributed.get_rank() != 0:
             for _ in buckets:
                 pass
@@ -203,9 +210,8 @@ def mcore_to_hf(args) -> str:
             try:
                 write_hf_shards(buckets, tmp, max_shard)
                 copied = copy_hf_meta(meta_dir, tmp) if os.path.isdir(meta_dir) else []
-                if "config.json" not in copied:
-                    with open(os.path.join(tmp, "config.json"), "w") as f:
-                        json.dump(hf_config, f, indent=2)
+                if "config.json" not in copied or ndims:
+                    _write_config(tmp, hf_config, ndims)
                 os.remove(os.path.join(tmp, OWNER))  # complete: the HF dir gets no extra file
                 replace_dir(tmp, out)
             except BaseException:
@@ -215,6 +221,31 @@ def mcore_to_hf(args) -> str:
     finally:
         _teardown(owned)
     return out
+
+
+def _fp8_buckets(buckets, ndims: dict):
+    """Quantise each bucket (weight and scale stay together); records {hf_name: ndim}."""
+    from megatron_rl.quant.fp8 import quantize_named
+
+    for bucket in buckets:
+        ndims.update({k: t.dim() for k, t in bucket.items()})
+        yield quantize_named(bucket)
+
+
+def _write_config(out_dir: str, hf_config: dict, ndims: dict) -> None:
+    """config.json = the copied one (else ``hf_config``), plus the FP8 ``quantization_config``
+    when tensors were quantised (``ndims`` non-empty)."""
+    from megatron_rl.quant.fp8 import quantization_config
+
+    path = os.path.join(out_dir, "config.json")
+    cfg = hf_config
+    if os.path.isfile(path):
+        with open(path) as f:
+            cfg = json.load(f)
+    if ndims:
+        cfg = {**cfg, "quantization_config": quantization_config(ndims)}
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-shard-size", default="5GB", help="max bytes per shard (5GB, 500MB)")
     b.add_argument("--fused-experts", action="store_true",
                    help="write transformers' stacked expert tensors instead of per-expert ones")
+    b.add_argument("--fp8", choices=["block128"], default=None,
+                   help="write Linear weights as float8_e4m3fn + weight_scale_inv per 128x128 "
+                        "block (DeepSeek-V3 / SGLang fp8 format)")
     for s in (a, b):
         s.add_argument("--out", required=True, help="output dir (written atomically)")
         s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

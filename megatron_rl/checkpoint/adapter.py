@@ -9,9 +9,9 @@ A family adapter (``qwen3_moe.py``, ``mixtral.py``, ...) is a list of ``Rule``s 
 layout, built from the Llama-style pieces below (``decoder_rules``, ``dense_mlp_rules``,
 ``expert_rules``, ``fused_expert_rules``); ``layout_rules_for`` makes its ``rules_for(hf_keys,
 hf_config)``, which picks the variant that matches what the checkpoint holds (per-expert vs
-fused experts) and applies tied embeddings. Left out: TE spec names
-(``linear_qkv.layer_norm_weight``, grouped-GEMM ``linear_fc1.weight{j}``) -- only the local spec
-is mapped so far.
+fused experts) and applies tied embeddings. TE spec names (``linear_qkv.layer_norm_weight``,
+grouped-GEMM ``linear_fc1.weight{j}``) are read as local-spec names before matching
+(``checkpoint.te_names``), so the rules name the local spec only.
 """
 
 from __future__ import annotations

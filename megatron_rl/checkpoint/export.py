@@ -22,7 +22,8 @@ performs its operations in schedule order, and an operation of transfer k only w
 operations of transfer k on other ranks.
 
 Memory on dst: about one transfer + one bucket (+ one fused expert stack); on an owner: one
-transfer. Tensors stay on the parameters' device. Left out: virtual pipeline chunks, TE names.
+transfer. Tensors stay on the parameters' device. TE-spec names are read as local ones
+(``checkpoint.te_names``, via ``hf_loader.named_tensors``). Left out: virtual pipeline chunks.
 """
 
 from __future__ import annotations

@@ -87,8 +87,14 @@ def expected_hf_keys(rules: list[Rule], config) -> set[str]:
 def named_tensors(model, rules: list[Rule]):
     """``model.named_parameters()``, then the buffers some rule maps (e.g. DeepSeek-V3's router
     ``mlp.router.expert_bias`` <- ``mlp.gate.e_score_correction_bias``); other buffers are
-    skipped. Yields ``(name, tensor)``."""
-    yield from model.named_parameters()
+    skipped. Yields ``(name, tensor)``. TE-spec names are read as local-spec ones
+    (``te_names.te_to_local_name``; ``_extra_state`` skipped, FP8 parameters dequantised)."""
+    from megatron_rl.checkpoint.te_names import plain, te_to_local_name
+
+    for name, p in model.named_parameters():
+        local = te_to_local_name(name)
+        if local is not None:
+            yield local, plain(p)
     for name, buf in model.named_buffers():
         if find_rule(rules, name) is not None:
             yield name, buf

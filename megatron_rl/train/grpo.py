@@ -33,6 +33,7 @@ import torch
 from megatron_rl.losses.advantages import group_advantages
 from megatron_rl.losses.mismatch import mismatch_correction
 from megatron_rl.losses.shaping import overlong_penalty
+from megatron_rl.quant.fp8_engine import add_rollout_fp8_args, rollout_model_path
 from megatron_rl.moe.routing_replay import (RoutingReplay, build_replay_routes, flip_rate_metrics, moe_layer_ids,
                                             routing_flip_counts)
 from megatron_rl.rollout.client import SamplingParams
@@ -434,6 +435,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
     from megatron_rl.rollout.multiturn import add_multiturn_args, check_multiturn_args
 
     add_multiturn_args(p)
+    add_rollout_fp8_args(r)  # --rollout-fp8, --fp8-qat (megatron_rl.quant)
     r.add_argument("--eval-interval", type=int, default=0, help="0: only at the end")
     r.add_argument("--eval-n-samples", type=int, default=4)
     r.add_argument("--eval-max-prompts", type=int, default=64)
@@ -474,7 +476,8 @@ def _engines(args):
         return
     from megatron_rl.rollout.launcher import EngineLauncher, LaunchConfig
 
-    cfg = LaunchConfig(model_path=args.hf, num_engines=args.num_engines, engine_kind=args.engine_kind,
+    model_path = rollout_model_path(args.hf, args.out, args.rollout_fp8)  # FP8 copy with --rollout-fp8
+    cfg = LaunchConfig(model_path=model_path, num_engines=args.num_engines, engine_kind=args.engine_kind,
                        router=True, log_dir=os.path.join(args.out, "engine_logs"),
                        extra_args=args.engine_extra_args)
     with EngineLauncher(cfg) as launcher:
@@ -548,6 +551,9 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     if cfg.routing_replay != "off" or cfg.routing_flip_rate:
         from megatron_rl.moe.routing_replay import enable_routing_replay as hook
     tr, tok, _ = setup(args, tconfig_hook=hook)
+    if args.fp8_qat:
+        from megatron_rl.quant.qat import apply_fp8_qat
+        apply_fp8_qat(tr.model)
     rank0 = torch.distributed.get_rank() == 0
     ctx_len = _engine_context_length(args.engine_extra_args) or tr.hf_config.get("max_position_embeddings", 1 << 30)
     for path, line_rows in datasets.values():  # a prompt that cannot fit fails here, naming file:line
@@ -591,7 +597,8 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
                              routed_experts_layout=_route_layout(tr.config) if wants_routes else None,
                              **multiturn_service_fields(args, tok))
         weights = WeightSync(SGLangClient(launcher.engine_urls, drop_failed_engines=True) if launcher else None,
-                             supervisor=EngineSupervisor(launcher) if launcher else None)
+                             supervisor=EngineSupervisor(launcher) if launcher else None,
+                             fp8_block=(128, 128) if args.rollout_fp8 == "block128" else None)
         weights.sync(tr.model, tr.hf_config, version=step)  # engines start from the (resumed) policy
         eval_temperature = cfg.temperature if cfg.eval_temperature is None else cfg.eval_temperature
         eval_sampling = SamplingParams(temperature=eval_temperature, top_p=cfg.top_p,

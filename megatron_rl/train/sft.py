@@ -56,6 +56,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
     r.add_argument("--resume-fallback", action="store_true",
                    help="if the latest checkpoint fails its manifest check, resume from the newest intact one")
+    from megatron_rl.quant.fp8_training import add_fp8_args
+
+    add_fp8_args(p)  # --transformer-impl, --fp8-format, --fp8-recipe, ... (Megatron's names)
 
 
 def check_optim_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -111,16 +114,22 @@ def setup(args, *, tconfig_hook=None) -> tuple[Trainer, object, dict]:
     from megatron_rl.models import ModelOptions, load_hf_config, transformer_config_from_hf
     from megatron_rl.parallel import ParallelConfig, init_parallel
 
+    from megatron_rl.quant.fp8_training import resolve_fp8
+
+    hf_config = load_hf_config(args.hf)
+    fp8 = resolve_fp8(args, device=args.device if args.device != "auto" else
+                      ("cuda" if torch.cuda.is_available() else "cpu"), te_available=_has_te(),
+                      is_moe=bool(hf_config.get("num_experts") or hf_config.get("n_routed_experts")
+                                  or hf_config.get("num_local_experts")))  # FP8 without TE: refused
     pc = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, cp=args.cp,
                         sequence_parallel=args.sequence_parallel)
     device = init_parallel(pc, device=args.device, seed=args.seed)
-    hf_config = load_hf_config(args.hf)
     opts = ModelOptions(
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff,
         sequence_parallel=args.sequence_parallel, recompute=args.recompute,
-        use_te=device == "cuda" and _has_te(),
+        use_te=device == "cuda" and fp8.use_te, overrides=fp8.overrides,
     )
     tconfig = transformer_config_from_hf(hf_config, opts, tp=args.tp, pp=args.pp, ep=args.ep,
                                          etp=args.etp, cp=args.cp)

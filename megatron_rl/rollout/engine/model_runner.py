@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from megatron_rl.quant import fp8_engine
+
 from .kv_batch import KVBatch
 from .weights import load_named_tensors
 
@@ -64,12 +66,13 @@ class ModelRunner:
 
     # -- loading ------------------------------------------------------------------------------------
     def load(self, model_path: str, local_only: bool = False) -> None:
-        """(Re)load weights from an HF directory, replacing the model; hooks are re-registered.
+        """(Re)load weights from an HF directory (bf16/fp32, or blockwise FP8: see quant.fp8_engine),
+        replacing the model; hooks are re-registered.
 
         `local_only`: never reach a hub (the /update_weights_from_disk path). The old model keeps
-        serving if this raises (OSError, ValueError, ... from transformers)."""
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[self.dtype],
-                                                     local_files_only=local_only)
+        serving if this raises (OSError, ValueError, KeyError, ... from transformers / fp8_engine)."""
+        model = fp8_engine.from_pretrained(model_path, DTYPES[self.dtype],  # FP8-block dirs dequantised
+                                           local_files_only=local_only)
         model.eval().requires_grad_(False).to(self.device)
         for h in self._hooks:
             h.remove()
@@ -153,10 +156,12 @@ class ModelRunner:
     def update_from_tensors(self, named: dict[str, torch.Tensor]) -> int:
         """Copy tensors into the live parameters (names: in-memory or hub per-expert); returns count.
 
-        Raises KeyError for an unknown name, ValueError for a shape mismatch, a non-float tensor for a
-        float parameter, or non-finite values -- all before anything is written.
+        FP8 payloads (float8_e4m3fn + ``*_scale_inv``) are dequantised first (quant.fp8_engine).
+        Raises KeyError for an unknown name or an FP8 tensor without its scale, ValueError for a
+        shape mismatch, a non-float tensor for a float parameter, or non-finite values -- all
+        before anything is written.
         """
-        return load_named_tensors(self.model, named)
+        return load_named_tensors(self.model, fp8_engine.dequantize_update(self.model, named))
 
     def decode_text(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Token ids -> text; invalid UTF-8 byte sequences become U+FFFD (never raises)."""
