@@ -102,8 +102,8 @@ def _cpu_extension(cpp_extension):
                                       extra_compile_args={"cxx": flags})
 
 
-def _cuda_extension(torch):
-    """(the CUDA extension or None, why not)."""
+def _cuda_home_or_why_not(torch) -> tuple[str | None, str | None]:
+    """(CUDA_HOME to build the CUDA extension with, or None and why not)."""
     if _flag("MEGATRON_RL_SKIP_CUDA"):
         return None, "MEGATRON_RL_SKIP_CUDA=1"
     if not torch.version.cuda:
@@ -111,13 +111,13 @@ def _cuda_extension(torch):
     cuda_home = _find_cuda_home()
     if cuda_home is None:
         return None, "nvcc not found (set CUDA_HOME)"
-    # torch.utils.cpp_extension reads CUDA_HOME once, at import: point it at the nvcc we chose.
-    os.environ["CUDA_HOME"] = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
-    from torch.utils.cpp_extension import CUDAExtension
+    return cuda_home, None
 
+
+def _cuda_extension(cpp_extension, cuda_home: str, torch):
+    """The CUDA extension: csrc/cuda/*.cu + *.cpp, for $TORCH_CUDA_ARCH_LIST (default 9.0a)."""
     sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
-    ext = CUDAExtension(
+    ext = cpp_extension.CUDAExtension(
         name=CUDA_EXT,
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
@@ -129,21 +129,26 @@ def _cuda_extension(torch):
     ext.include_dirs += _pip_cuda_library_includes(cuda_home)  # after CUDA_HOME's own headers
     _note(f"building {CUDA_EXT} from {len(sources)} sources with {cuda_home}/bin/nvcc, "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, torch cu{torch.version.cuda}")
-    return ext, None
+    return ext
 
 
 def _extensions():
     """Return (ext_modules, build_ext_base, why the CUDA extension is skipped or None)."""
     try:
         import torch
-        from torch.utils import cpp_extension
     except Exception as e:  # torch absent (e.g. isolated build env) or broken
         return [], build_ext, f"torch not importable at build time ({type(e).__name__}: {e}); " \
                               "use `pip install --no-build-isolation`"
+    cuda_home, why = _cuda_home_or_why_not(torch)
+    if cuda_home is not None:
+        # torch.utils.cpp_extension reads CUDA_HOME once, at import: point it at our nvcc first.
+        os.environ["CUDA_HOME"] = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+    from torch.utils import cpp_extension
+
     exts = [_cpu_extension(cpp_extension)]
-    cuda_ext, why = _cuda_extension(torch)
-    if cuda_ext is not None:
-        exts.append(cuda_ext)
+    if cuda_home is not None:
+        exts.append(_cuda_extension(cpp_extension, cuda_home, torch))
     return exts, cpp_extension.BuildExtension, why
 
 
