@@ -328,3 +328,82 @@ def test_errors_name_the_argument():
         ops.fused_policy_loss(lp, old, adv, mask, tis_cap=2.0)
     with pytest.raises(ValueError, match="dual_clip_c"):
         ops.fused_policy_loss(lp, old, adv, mask, dual_clip_c=0.5)
+
+
+# ------------------------------------------------------------------ CUDA (tools/gpu_check.sh)
+
+def _cuda_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not ops.has_cuda_op():
+        pytest.fail("a CUDA device but megatron_rl._C_cuda is not built")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_matches_cpu_and_float64(dtype):
+    _cuda_or_skip()
+    x, tgt = _data(257, 50_001, seed=30, dtype=dtype)
+    x[0] = 1e4 * torch.sign(torch.randn(50_001))
+    g_lp, g_h = torch.randn(257), torch.randn(257)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        leaf = x.to(dev).requires_grad_()
+        lp, h = F(leaf * 1, tgt.to(dev), temperature=0.7, vocab_size=50_000)
+        ((lp * g_lp.to(dev)).sum() + (h * g_h.to(dev)).sum()).backward()
+        out[dev] = (lp.cpu().double(), h.cpu().double(), leaf.grad.cpu().double())
+    lp64, h64 = _ref64(x, tgt, 0.7, 50_000)
+    tol = 3e-5 if dtype == torch.float32 else 3e-4
+    for dev in ("cpu", "cuda"):
+        torch.testing.assert_close(out[dev][0][1:], lp64[1:], atol=tol, rtol=0)
+        torch.testing.assert_close(out[dev][1], h64, atol=tol, rtol=0)
+    torch.testing.assert_close(out["cuda"][2], out["cpu"][2], atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-2)
+    again = F(x.cuda(), tgt.cuda(), temperature=0.7, vocab_size=50_000)
+    assert torch.equal(again[0].cpu().double(), out["cuda"][0])  # bitwise run to run
+
+
+@pytest.mark.gpu
+def test_cuda_ppo_matches_cpu():
+    _cuda_or_skip()
+    lp, old, rollout, adv, mask = _ppo_inputs(b=64, l=700)
+    kw = dict(tis_cap=1.5, icepop_bounds=(0.8, 1.25), seq_bounds=(0.9, 1.1), dual_clip_c=2.0)
+    a = lp.clone().requires_grad_()
+    c = lp.cuda().requires_grad_()
+    la, ma = ops.fused_policy_loss(a, old, adv, mask, rollout_logprobs=rollout, **kw)
+    lc, mc = ops.fused_policy_loss(c, old.cuda(), adv.cuda(), mask.cuda(), rollout_logprobs=rollout.cuda(), **kw)
+    la.backward()
+    lc.backward()
+    assert abs(la.item() - lc.item()) < 1e-12
+    torch.testing.assert_close(c.grad.cpu(), a.grad, atol=1e-12, rtol=0)
+    for k in ma:
+        if k != "kept_mask":
+            assert abs(float(ma[k]) - float(mc[k])) < 1e-9, k
+
+
+@pytest.mark.gpu
+def test_cuda_large_and_backward_allocates_no_logits_buffer():
+    """T * V > 2^31 elements (int64 indexing), and the backward's peak memory stays O(T)."""
+    _cuda_or_skip()
+    t, v = 14_200, 151_936  # 2.16e9 elements, 4.3 GB of bf16
+    if torch.cuda.get_device_properties(0).total_memory < 3 * t * v * 2:
+        pytest.skip("not enough GPU memory for T*V > 2^31 in bf16")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    leaf = torch.randn(t, v, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    tgt = torch.randint(0, v, (t,), device="cuda", generator=g)
+    tgt[-1] = v - 1
+    logits = leaf * 1  # non-leaf: its storage receives the gradient
+    lp, h = F(logits, tgt)
+    rows = [0, t // 2, t - 1]  # beyond 2^31 elements: compare with float64 rows
+    lp64, h64 = _ref64(logits.detach()[rows].cpu(), tgt[rows].cpu())
+    torch.testing.assert_close(lp[rows].cpu().double(), lp64, atol=2e-4, rtol=0)
+    torch.testing.assert_close(h[rows].cpu().double(), h64, atol=2e-4, rtol=0)
+    loss = (lp + 0.01 * h).sum()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    captured = {}
+    logits.register_hook(lambda grad: captured.update(peak=torch.cuda.max_memory_allocated()))
+    loss.backward(inputs=[logits])  # stop at the logits: the leaf's copy is not the op's
+    extra = captured["peak"] - base
+    assert extra < t * v * 2 / 4, f"backward allocated {extra} bytes (logits: {t * v * 2})"
+    assert torch.isfinite(logits.float().sum())
