@@ -177,18 +177,18 @@ def copy_bandwidth(x: torch.Tensor, repeats: int = 5) -> float:
 
 
 def time_variant(name: str, pristine: torch.Tensor, t: dict, bonus: bool, repeats: int) -> dict:
-    """Median seconds of ``repeats`` runs after one warm-up; the logits are restored (untimed)
+    """Median seconds of ``repeats`` runs after two warm-ups; the logits are restored (untimed)
     before each run because the fused backward overwrites them."""
     work = pristine.clone().requires_grad_()
     times, out = [], None
-    for i in range(repeats + 1):
+    for i in range(repeats + 2):
         with torch.no_grad():
             work.copy_(pristine)
         _sync(work.device)
         t0 = time.perf_counter()
         loss, metric, grad = step(name, work, t, bonus)
         _sync(work.device)
-        if i:
+        if i >= 2:
             times.append(time.perf_counter() - t0)
         if out is None:
             out = {"loss": loss, "entropy": metric, "grad_sum": float(grad.double().abs().sum())}
