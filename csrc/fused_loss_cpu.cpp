@@ -5,7 +5,9 @@
 //   megatron_rl::ppo_token_loss   the O(T) PPO log-ratio / clipping / TIS / IcePop / seq-mask op
 // The math lives in fused_loss.h (shared with fused_loss_cuda.cu). Threads: at::parallel_for over
 // rows (vocab ops) or fixed 1024-token chunks (PPO), so results do not depend on the thread count.
-// float32 rows are vectorised with at::vec::Vectorized (block max, then one exp per element);
+// float32 rows are vectorised with at::vec::Vectorized (block max, then one exp per element,
+// Vectorized::exp_u20: a degree-5 polynomial, ~2e-6 relative; logprobs stay within ~1e-6 of
+// float64 at V = 152k, see tests/test_fused_loss.py);
 // bf16 / fp16 / float64 rows use the scalar online update of fused_loss.h.
 // No CUDA headers here: this file builds into the plain C++ extension megatron_rl._C.
 #include <ATen/Dispatch.h>
@@ -45,7 +47,7 @@ LseStats<float> block_stats_f32(const float* x, int64_t n, float inv_t) {
   VecF vs(0.f), vw(0.f);
   for (int64_t j = 0; j < nv; j += VecF::size()) {
     const VecF z = at::vec::fmadd(VecF::loadu(x + j), vinv, vneg_m);
-    const VecF e = z.exp();
+    const VecF e = z.exp_u20();
     vs = vs + e;
     vw = at::vec::fmadd(z, e, vw);
   }
@@ -120,7 +122,7 @@ void grad_row_f32(const float* x, float* out, int64_t n, float inv_t, float lse,
   const VecF vinv(inv_t), vneg_lse(-lse), vh(h), vglp(g_lp), vgh(g_h), vzero(0.f);
   for (int64_t j = 0; j < nv; j += VecF::size()) {
     const VecF logp = at::vec::fmadd(VecF::loadu(x + j), vinv, vneg_lse);
-    const VecF p = logp.exp();
+    const VecF p = logp.exp_u20();
     const VecF g = (vzero - p) * at::vec::fmadd(vgh, logp + vh, vglp);
     (g * vinv).store(out + j);
   }
