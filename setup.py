@@ -2,7 +2,9 @@
 
 Two extensions, both registering ops under torch.ops.megatron_rl (see csrc/fused_loss.h):
   megatron_rl._C       plain C++ (csrc/*.cpp, no CUDA headers): built wherever torch is
-                       importable at build time; x86-64 builds use AVX2 + FMA (at::vec).
+                       importable at build time, vectorised (at::vec) for the build machine:
+                       AVX-512 or AVX2 + FMA on x86-64 ($MEGATRON_RL_CPU_SIMD overrides:
+                       avx512 | avx2 | none; set it when building for another machine).
   megatron_rl._C_cuda  csrc/cuda/*.cu + *.cpp: built where all of these hold:
     (a) torch is a CUDA build (`torch.version.cuda`),
     (b) nvcc is found: $CUDA_HOME / $CUDA_PATH, then /usr/local/cuda, then $PATH,
@@ -92,14 +94,41 @@ def _sources(pattern: str) -> list[str]:
     return [str(p.relative_to(ROOT)) for p in sorted(ROOT.glob(pattern))]
 
 
+def _cpu_simd() -> str:
+    """SIMD level of the CPU ops: $MEGATRON_RL_CPU_SIMD (avx512 | avx2 | none), else the best the
+    build machine has (the extension is built where it runs: venv.sh, tools/gpu_check.sh)."""
+    forced = os.environ.get("MEGATRON_RL_CPU_SIMD", "").strip().lower()
+    if forced:
+        if forced not in {"avx512", "avx2", "none"}:
+            raise SystemExit(f"MEGATRON_RL_CPU_SIMD must be avx512, avx2 or none, got {forced!r}")
+        return forced
+    if platform.machine().lower() not in {"x86_64", "amd64"}:
+        return "none"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "avx2"  # x86-64 without /proc (e.g. macOS): AVX2 + FMA are near universal
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "none"
+
+
+_SIMD_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "none": [],
+}
+
+
 def _cpu_extension(cpp_extension):
-    """The plain C++ extension: csrc/*.cpp, vectorised with AVX2 + FMA on x86-64."""
-    flags = ["-O3", "-Wno-unknown-pragmas"]
-    if platform.machine().lower() in {"x86_64", "amd64"}:
-        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    """The plain C++ extension: csrc/*.cpp, vectorised (at::vec) for the build machine's CPU."""
+    simd = _cpu_simd()
+    _note(f"building {CPU_EXT} with SIMD level {simd} (MEGATRON_RL_CPU_SIMD to override)")
     return cpp_extension.CppExtension(name=CPU_EXT, sources=_sources("csrc/*.cpp"),
                                       include_dirs=[str(ROOT / "csrc")],
-                                      extra_compile_args={"cxx": flags})
+                                      extra_compile_args={"cxx": ["-O3", "-Wno-unknown-pragmas"]
+                                                          + _SIMD_FLAGS[simd]})
 
 
 def _cuda_home_or_why_not(torch) -> tuple[str | None, str | None]:

@@ -17,7 +17,9 @@ namespace megatron_rl {
 
 std::string cpu_build_info() {
   std::string simd = "scalar";
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  simd = "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
   simd = "avx2";
 #endif
   return "megatron_rl._C: CPU ops (" + simd + "), torch " + std::to_string(TORCH_VERSION_MAJOR) +
