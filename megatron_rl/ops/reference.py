@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_rl.losses.kl import vocab_parallel_entropy
+from megatron_rl.losses.kl import _SumOverGroup, vocab_parallel_entropy
 from megatron_rl.losses.mismatch import mismatch_correction
 from megatron_rl.losses.policy import policy_loss
 
@@ -27,19 +27,6 @@ def logprobs_entropy_reference(logits: torch.Tensor, target: torch.Tensor, *,
     logp = torch.log_softmax(x / temperature, dim=-1)
     entropy = -(logp.exp() * logp).sum(-1)
     return logp.gather(-1, target.unsqueeze(-1)).squeeze(-1), entropy
-
-
-class _SumOverGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        x = x.clone()
-        torch.distributed.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None  # every rank holds the same loss of the sum: the grad is g itself
 
 
 def vocab_parallel_logprobs_entropy_torch(logits: torch.Tensor, target: torch.Tensor, *,
