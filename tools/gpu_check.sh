@@ -139,7 +139,7 @@ fi
 # ------------------------------------------------------------------ bench_loss on CUDA
 if [ "$have_gpu" = 1 ]; then
   timeout "$(cap_s 150)" "$py" tools/bench_loss.py --device cuda --tokens 8192 \
-    --vocab 151936 --dtype fp32 --repeats 10 --mem-tokens 4096 --variants fused,torch,slime,verl \
+    --vocab 151936 --dtype fp32 --repeats 10 --mem-tokens 4096 --variants fused,torch,verl \
     --json "$out/bench_loss_cuda.json" > "$out/bench_loss_cuda.log" 2>&1
   rc=$?
   figs=$("$py" - "$out/bench_loss_cuda.json" <<'EOF'
@@ -154,14 +154,15 @@ for name, x in v.items():
     if "extra_x_logits" in mem:
         f[f"{name}_peak_extra_memory"] = {"value": mem["extra_x_logits"], "unit": "x logits bytes"}
 f["fused_vs_2r1w_floor"] = {"value": v["fused"]["median_s"] / r["floor_2r1w_s"], "unit": "ratio (target <= 1.5)"}
-peers = [x["median_s"] for k, x in v.items() if k in ("slime", "verl")]
+peers = [x["median_s"] for k, x in v.items() if k in ("slime", "verl", "torch")]
 if peers:
-    f["fastest_peer_vs_fused"] = {"value": min(peers) / v["fused"]["median_s"], "unit": "ratio"}
+    f["fastest_other_vs_fused"] = {"value": min(peers) / v["fused"]["median_s"], "unit": "ratio (time / fused time)"}
 print(json.dumps(f))
 EOF
 )
+  slime_why='{"slime_variant": "not run on CUDA: Megatron fused CE goes through torch.compile (jit_fuser), whose compile time per process does not fit the 8-minute budget"}'
   if [ $rc -eq 0 ] && [ -n "$figs" ]; then
-    part bench pass "$figs"  # the 1.5x target is a figure to read, not a pass/fail gate
+    part bench pass "$figs" "$slime_why"  # the 1.5x target is a figure to read, not a gate
   else
     part bench fail "$figs" '{}' "$(tail -c 2000 "$out/bench_loss_cuda.log")"
   fi
