@@ -51,7 +51,7 @@ _mrl_venv_main() {
 
   # What the install depends on: a change to any of these re-runs pip.
   key="$( {
-    echo "repo=$repo extras=$extras skip_cuda=$skip_cuda torch=$torch_spec"
+    echo "repo=$repo extras=$extras skip_cuda=$skip_cuda torch=$torch_spec simd=${MEGATRON_RL_CPU_SIMD:-}"
     cat "$repo/setup.py" "$repo/pyproject.toml" 2>/dev/null
     if [ -d "$repo/csrc" ]; then
       find "$repo/csrc" -type f \( -name '*.cu' -o -name '*.cpp' -o -name '*.h' -o -name '*.cuh' \) \
@@ -101,7 +101,8 @@ _mrl_venv_main() {
     pip_install ninja  # parallel compiles; without it the extensions compile one file at a time
   fi
   log "installing megatron_rl[$extras] (editable, MEGATRON_RL_SKIP_CUDA=$skip_cuda)"
-  MEGATRON_RL_SKIP_CUDA="$skip_cuda" pip_install --no-build-isolation -e "$repo[$extras]"
+  # venv/bin on PATH: torch's cpp_extension looks for the `ninja` executable there
+  PATH="$venv/bin:$PATH" MEGATRON_RL_SKIP_CUDA="$skip_cuda" pip_install --no-build-isolation -e "$repo[$extras]"
   if [ "$skip_cuda" != 1 ] && ! "$venv/bin/python" -c \
       'import sys; from megatron_rl._optional import has_cuda_ext; sys.exit(not has_cuda_ext())'; then
     log "WARNING: megatron_rl._C_cuda was not built (tests/test_fused_loss.py fails where nvcc" \
