@@ -1,5 +1,6 @@
 """The training loop on the fused ops vs the torch path (Megatron CE + losses/): one GRPO
-micro-batch step's loss, gradient norm and gradients, and compute_logprobs, at TP = 1 and 2.
+micro-batch step's loss, gradient norm and gradients, and compute_logprobs, at TP = 1, TP = 2 with
+sequence parallelism, PP = 2 and EP = 2 (DP = 2).
 
 The torch path (``--loss-impl torch``) is the independent reference: Megatron's
 ``vocab_parallel_cross_entropy`` + ``losses.kl.vocab_parallel_entropy`` + ``losses.policy``.
@@ -18,19 +19,39 @@ from megatron_rl.testing import run_distributed
 pytestmark = pytest.mark.skipif(not ops.has_cpu_op(), reason="megatron_rl._C not built")
 
 
-def _worker(rank: int, world: int, hf_dir: str) -> dict:
-    from test_rl_batch import _build, _fwd_bwd, _samples
+def _build(hf_dir: str, layout: dict):
+    from megatron_rl.checkpoint.hf_loader import load_hf_weights
+    from megatron_rl.models import ModelOptions, load_hf_config, transformer_config_from_hf
+    from megatron_rl.parallel import ParallelConfig, init_parallel
+    from megatron_rl.train.engine import OptimConfig, build_trainer
+
+    pc = ParallelConfig(tp=layout.get("tp", 1), pp=layout.get("pp", 1), ep=layout.get("ep", 1),
+                        sequence_parallel=layout.get("tp", 1) > 1)
+    init_parallel(pc, device="cpu", seed=7)
+    hf = load_hf_config(hf_dir)
+    cfg = transformer_config_from_hf(hf, ModelOptions(sequence_parallel=pc.sequence_parallel),
+                                     tp=pc.tp, pp=pc.pp, ep=pc.ep, etp=pc.etp)
+    tr = build_trainer(hf, cfg, OptimConfig(lr=1e-3, warmup_steps=0, train_steps=10,
+                                            decay_style="constant", clip_grad=0.0))
+    load_hf_weights(tr.model, hf_dir, hf)
+    tr.optimizer.reload_model_params()
+    return tr, hf
+
+
+def _worker(rank: int, world: int, hf_dir: str, layout: dict) -> dict:
+    from megatron.core import parallel_state as ps
+    from test_rl_batch import _fwd_bwd, _samples
 
     from megatron_rl.parallel import destroy_parallel
     from megatron_rl.train.logprobs import compute_logprobs
     from megatron_rl.train.rl_batch import PolicyLossSettings, collate, pack_microbatches
 
-    tr, hf = _build(hf_dir, tp=world)
+    tr, hf = _build(hf_dir, layout)
     samples, adv = _samples(7, hf["vocab_size"], seed=21)
     lens = [len(s.prompt_ids) + len(s.output_ids) for s in samples]
     padded = collate(samples, adv, max(lens), pad_id=0)
     packed = pack_microbatches(samples, adv, max(lens) + 6, pad_id=0, rows=2)
-    res = {}
+    res = {"last_stage": ps.is_pipeline_last_stage()}
     for name, mbs in (("padded", [padded]), ("packed", packed)):
         g = torch.Generator().manual_seed(3)
         dev = 0.0
@@ -64,15 +85,21 @@ def _worker(rank: int, world: int, hf_dir: str) -> dict:
     return res
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_grpo_step_fused_equals_torch_path(tiny_hf_dir, tp):
-    for res in run_distributed(_worker, tp, tiny_hf_dir):
+LAYOUTS = {"tp1": {}, "tp2_sp": {"tp": 2}, "pp2": {"pp": 2}, "ep2": {"ep": 2}}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_grpo_step_fused_equals_torch_path(tiny_hf_dir, name):
+    layout = LAYOUTS[name]
+    world = max(layout.get("tp", 1) * layout.get("pp", 1), layout.get("ep", 1))
+    for res in run_distributed(_worker, world, tiny_hf_dir, layout):
         print(res)
         for layout in ("padded", "packed"):
             assert res[f"{layout}_logprob_dev"] < 1e-5, res
             for agg in ("token-mean", "seq-mean-token-mean"):
                 r = res[f"{layout}/{agg}"]
-                assert abs(r["loss"][0] - r["loss"][1]) < 1e-6 and r["loss"][0] != 0, r
+                assert abs(r["loss"][0] - r["loss"][1]) < 1e-6, r
+                assert r["loss"][0] != 0 or not res["last_stage"], r  # the loss lives on the last stage
                 assert abs(r["gnorm"][0] - r["gnorm"][1]) < 1e-6 and r["gnorm"][0] > 1e-3, r
                 assert r["gmax"] < 1e-6, r
                 assert abs(r["clip"][0] - r["clip"][1]) < 1e-6 and r["clip"][0] > 0, r
