@@ -1,27 +1,35 @@
-"""Build and install megatron_rl; compile csrc/ into `megatron_rl._C` where CUDA is present.
+"""Build and install megatron_rl; compile csrc/ into `megatron_rl._C` (CPU) and `megatron_rl._C_cuda`.
 
-The CUDA extension is optional. It is built only when all of these hold:
-  (a) torch is importable at build time and is a CUDA build (`torch.version.cuda`),
-  (b) nvcc is found: $CUDA_HOME / $CUDA_PATH, then /usr/local/cuda, then $PATH,
-  (c) MEGATRON_RL_SKIP_CUDA=1 is not set,
-  (d) csrc/ holds at least one .cu / .cpp source.
+Two extensions, both registering ops under torch.ops.megatron_rl (see csrc/fused_loss.h):
+  megatron_rl._C       plain C++ (csrc/*.cpp, no CUDA headers): built wherever torch is
+                       importable at build time, vectorised (at::vec) for the build machine:
+                       AVX-512 or AVX2 + FMA on x86-64 ($MEGATRON_RL_CPU_SIMD overrides:
+                       avx512 | avx2 | none; set it when building for another machine).
+  megatron_rl._C_cuda  csrc/cuda/*.cu + *.cpp: built where all of these hold:
+    (a) torch is a CUDA build (`torch.version.cuda`),
+    (b) nvcc is found: $CUDA_HOME / $CUDA_PATH, then /usr/local/cuda, then $PATH,
+    (c) MEGATRON_RL_SKIP_CUDA=1 is not set.
 torch must be importable at build time, so install with
     pip install --no-build-isolation -e .
 in an environment that already has torch (plain `pip install .` builds in an isolated
 environment without torch and therefore installs the pure-Python package only).
 
 Environment switches:
-  MEGATRON_RL_SKIP_CUDA=1     never build the extension (CPU machines, fast installs)
-  MEGATRON_RL_REQUIRE_CUDA=1  fail the install when the extension can't be built
-  TORCH_CUDA_ARCH_LIST        target archs, default "9.0" (Hopper); e.g. "8.0;9.0;10.0"
-  MAX_JOBS                    parallel nvcc jobs (with ninja)
+  MEGATRON_RL_SKIP_CUDA=1     never build the CUDA extension (the CPU one is still built)
+  MEGATRON_RL_REQUIRE_CUDA=1  fail the install when the CUDA extension can't be built
+                              (tests/test_fused_loss.py also fails when nvcc + CUDA torch exist
+                              but megatron_rl._C_cuda was not built, so CI catches compile errors)
+  TORCH_CUDA_ARCH_LIST        target archs, default "9.0a" (Hopper); e.g. "8.0;9.0;10.0"
+  MAX_JOBS                    parallel compile jobs (with ninja)
 
 nvcc vs torch CUDA version: torch's cpp_extension refuses a *major* mismatch (nvcc 12 vs
 torch cu13) and only warns on a minor one (nvcc 13.0 vs torch cu13.2, as on our CPU boxes);
 with REQUIRE unset a refusal is reported as a warning and the install goes on.
+A failed CPU extension build always fails the install.
 """
 
 import os
+import platform
 import re
 import shutil
 import sys
@@ -31,7 +39,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-EXT_NAME = "megatron_rl._C"
+CPU_EXT, CUDA_EXT = "megatron_rl._C", "megatron_rl._C_cuda"
 
 
 def _flag(name: str) -> bool:
@@ -82,35 +90,64 @@ def _pip_cuda_library_includes(cuda_home: str) -> list[str]:
     return sorted(dirs)
 
 
-def _cuda_sources() -> list[str]:
-    srcs = sorted(ROOT.glob("csrc/**/*.cu")) + sorted(ROOT.glob("csrc/**/*.cpp"))
-    return [str(p.relative_to(ROOT)) for p in srcs]
+def _sources(pattern: str) -> list[str]:
+    return [str(p.relative_to(ROOT)) for p in sorted(ROOT.glob(pattern))]
 
 
-def _cuda_extension():
-    """Return (ext_modules, build_ext_base); ([], setuptools build_ext) when we skip, with the reason."""
-    if _flag("MEGATRON_RL_SKIP_CUDA"):
-        return [], build_ext, "MEGATRON_RL_SKIP_CUDA=1"
-    sources = _cuda_sources()
-    if not sources:
-        return [], build_ext, "no sources under csrc/"
+def _cpu_simd() -> str:
+    """SIMD level of the CPU ops: $MEGATRON_RL_CPU_SIMD (avx512 | avx2 | none), else the best the
+    build machine has (the extension is built where it runs: venv.sh, tools/gpu_check.sh)."""
+    forced = os.environ.get("MEGATRON_RL_CPU_SIMD", "").strip().lower()
+    if forced:
+        if forced not in {"avx512", "avx2", "none"}:
+            raise SystemExit(f"MEGATRON_RL_CPU_SIMD must be avx512, avx2 or none, got {forced!r}")
+        return forced
+    if platform.machine().lower() not in {"x86_64", "amd64"}:
+        return "none"
     try:
-        import torch
-    except Exception as e:  # torch absent (e.g. isolated build env) or broken
-        return [], build_ext, f"torch not importable at build time ({type(e).__name__}: {e}); " \
-                              "use `pip install --no-build-isolation`"
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "avx2"  # x86-64 without /proc (e.g. macOS): AVX2 + FMA are near universal
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "none"
+
+
+_SIMD_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "none": [],
+}
+
+
+def _cpu_extension(cpp_extension):
+    """The plain C++ extension: csrc/*.cpp, vectorised (at::vec) for the build machine's CPU."""
+    simd = _cpu_simd()
+    _note(f"building {CPU_EXT} with SIMD level {simd} (MEGATRON_RL_CPU_SIMD to override)")
+    return cpp_extension.CppExtension(name=CPU_EXT, sources=_sources("csrc/*.cpp"),
+                                      include_dirs=[str(ROOT / "csrc")],
+                                      extra_compile_args={"cxx": ["-O3", "-Wno-unknown-pragmas"]
+                                                          + _SIMD_FLAGS[simd]})
+
+
+def _cuda_home_or_why_not(torch) -> tuple[str | None, str | None]:
+    """(CUDA_HOME to build the CUDA extension with, or None and why not)."""
+    if _flag("MEGATRON_RL_SKIP_CUDA"):
+        return None, "MEGATRON_RL_SKIP_CUDA=1"
     if not torch.version.cuda:
-        return [], build_ext, f"torch {torch.__version__} is not a CUDA build"
+        return None, f"torch {torch.__version__} is not a CUDA build"
     cuda_home = _find_cuda_home()
     if cuda_home is None:
-        return [], build_ext, "nvcc not found (set CUDA_HOME)"
-    # torch.utils.cpp_extension reads CUDA_HOME once, at import: point it at the nvcc we chose.
-    os.environ["CUDA_HOME"] = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+        return None, "nvcc not found (set CUDA_HOME)"
+    return cuda_home, None
 
-    ext = CUDAExtension(
-        name=EXT_NAME,
+
+def _cuda_extension(cpp_extension, cuda_home: str, torch):
+    """The CUDA extension: csrc/cuda/*.cu + *.cpp, for $TORCH_CUDA_ARCH_LIST (default 9.0a)."""
+    sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    ext = cpp_extension.CUDAExtension(
+        name=CUDA_EXT,
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={  # no -std: torch's BuildExtension adds the one it needs (C++20)
@@ -119,42 +156,63 @@ def _cuda_extension():
         },
     )
     ext.include_dirs += _pip_cuda_library_includes(cuda_home)  # after CUDA_HOME's own headers
-    _note(f"building {EXT_NAME} from {len(sources)} sources with {cuda_home}/bin/nvcc, "
+    _note(f"building {CUDA_EXT} from {len(sources)} sources with {cuda_home}/bin/nvcc, "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, torch cu{torch.version.cuda}")
-    return [ext], BuildExtension, None
+    return ext
 
 
-EXT_MODULES, _BuildExtBase, SKIP_REASON = _cuda_extension()
+def _extensions():
+    """Return (ext_modules, build_ext_base, why the CUDA extension is skipped or None)."""
+    try:
+        import torch
+    except Exception as e:  # torch absent (e.g. isolated build env) or broken
+        return [], build_ext, f"torch not importable at build time ({type(e).__name__}: {e}); " \
+                              "use `pip install --no-build-isolation`"
+    cuda_home, why = _cuda_home_or_why_not(torch)
+    if cuda_home is not None:
+        # torch.utils.cpp_extension reads CUDA_HOME once, at import: point it at our nvcc first.
+        os.environ["CUDA_HOME"] = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+    from torch.utils import cpp_extension
+
+    exts = [_cpu_extension(cpp_extension)]
+    if cuda_home is not None:
+        exts.append(_cuda_extension(cpp_extension, cuda_home, torch))
+    return exts, cpp_extension.BuildExtension, why
+
+
+EXT_MODULES, _BuildExtBase, SKIP_REASON = _extensions()
 if SKIP_REASON:
-    _note(f"not building {EXT_NAME}: {SKIP_REASON}; the pure-PyTorch paths are used")
+    _note(f"not building {CUDA_EXT}: {SKIP_REASON}; CUDA tensors use the pure-PyTorch paths")
 
 
 class OptionalBuildExt(_BuildExtBase):
-    """build_ext that turns a failed CUDA compile into a warning unless MEGATRON_RL_REQUIRE_CUDA=1."""
+    """build_ext that turns a failed CUDA compile into a warning unless MEGATRON_RL_REQUIRE_CUDA=1.
 
-    def _give_up(self, err: BaseException) -> None:
-        if _flag("MEGATRON_RL_REQUIRE_CUDA"):
+    Each extension is built on its own, so a CUDA failure keeps the CPU extension."""
+
+    def _give_up(self, ext, err: BaseException) -> None:
+        if ext.name != CUDA_EXT or _flag("MEGATRON_RL_REQUIRE_CUDA"):
             raise err
         bar = "=" * 78
-        _note(f"\n{bar}\nWARNING: could not build {EXT_NAME}: {type(err).__name__}: {err}\n"
-              f"Installing without it; megatron_rl falls back to its pure-PyTorch ops.\n"
+        _note(f"\n{bar}\nWARNING: could not build {CUDA_EXT}: {type(err).__name__}: {err}\n"
+              f"Installing without it; CUDA tensors fall back to the pure-PyTorch ops.\n"
               f"Set MEGATRON_RL_REQUIRE_CUDA=1 to make this an error, "
               f"MEGATRON_RL_SKIP_CUDA=1 to skip the attempt.\n{bar}")
         # Drop the extension so later steps (copying outputs, editable wheels) don't look for it.
-        self.extensions = []
-        self.distribution.ext_modules = []
+        self.extensions = [e for e in self.extensions if e is not ext]
+        self.distribution.ext_modules = [e for e in self.distribution.ext_modules if e is not ext]
 
     def build_extensions(self) -> None:
-        try:  # torch's BuildExtension checks nvcc/compiler versions here, before compiling
-            super().build_extensions()
-        except Exception as err:
-            self._give_up(err)
-
-    def run(self) -> None:
-        try:
-            super().run()
-        except Exception as err:
-            self._give_up(err)
+        # torch's BuildExtension checks nvcc/compiler versions in build_extensions(): run it once
+        # per extension so that a CUDA refusal does not take the CPU extension down with it.
+        for ext in list(self.extensions):
+            self.extensions = [ext]
+            try:
+                super().build_extensions()
+            except Exception as err:  # noqa: BLE001
+                self._give_up(ext, err)
+        self.extensions = list(self.distribution.ext_modules or [])
 
 
 setup(

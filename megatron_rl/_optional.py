@@ -1,5 +1,5 @@
 """Which optional backends this process can use: NVIDIA Apex, Transformer Engine, SGLang,
-ModelOpt and our compiled kernels (`megatron_rl._C`).
+ModelOpt and our compiled kernels (`megatron_rl._C`: CPU ops, `megatron_rl._C_cuda`: CUDA ops).
 
 Importing this module imports nothing optional and never raises. Each `has_*()` probes once,
 on first call, and caches the answer; a probe that fails for any reason (missing package,
@@ -80,20 +80,38 @@ def has_modelopt() -> bool:
 
 
 @functools.cache
-def has_cuda_ext() -> bool:
-    """Our compiled kernels `megatron_rl._C` import (built by setup.py where CUDA is present)."""
-    if not _try_import("cuda_ext", "torch"):  # _C links against libtorch: load torch first
+def has_cpu_ext() -> bool:
+    """Our CPU kernels `megatron_rl._C` import (built by setup.py wherever torch is)."""
+    if not _try_import("cpu_ext", "torch"):  # _C links against libtorch: load torch first
         return False
-    return _try_import("cuda_ext", "megatron_rl._C")
+    return _try_import("cpu_ext", "megatron_rl._C")
+
+
+@functools.cache
+def has_cuda_ext() -> bool:
+    """Our CUDA kernels `megatron_rl._C_cuda` import (built by setup.py where nvcc + a CUDA
+    torch are present). `megatron_rl._C` (the op schemas) is loaded first."""
+    if not has_cpu_ext():
+        _errors["cuda_ext"] = "megatron_rl._C (the op schemas) is missing: " + _errors.get("cpu_ext", "")
+        return False
+    return _try_import("cuda_ext", "megatron_rl._C_cuda")
 
 
 def cuda_build_info() -> str | None:
-    """`megatron_rl._C.cuda_build_info()`, or None without the extension."""
+    """`megatron_rl._C_cuda.cuda_build_info()`, or None without the extension."""
     if not has_cuda_ext():
         return None
-    from megatron_rl import _C
+    from megatron_rl import _C_cuda
 
-    return _C.cuda_build_info()
+    return _C_cuda.cuda_build_info()
+
+
+def describe_ext() -> str:
+    """One line on our two extensions: built or why not."""
+    parts = []
+    for key, probe in (("cpu_ext", has_cpu_ext), ("cuda_ext", has_cuda_ext)):
+        parts.append(f"{key}=ok" if probe() else f"{key}=missing ({_errors.get(key, '?')})")
+    return ", ".join(parts)
 
 
 def _is_installed(module: str) -> bool:
@@ -116,7 +134,7 @@ def _dist_version(*names: str) -> str | None:
 
 def reset() -> None:
     """Forget cached answers (tests, or after installing a backend in-process)."""
-    for fn in (has_apex, has_te, has_sglang, has_modelopt, has_cuda_ext):
+    for fn in (has_apex, has_te, has_sglang, has_modelopt, has_cpu_ext, has_cuda_ext):
         fn.cache_clear()
     _errors.clear()
 
@@ -135,6 +153,7 @@ def describe() -> dict[str, Any]:
         "te": (has_te, ("transformer-engine", "transformer_engine", "transformer-engine-torch")),
         "sglang": (has_sglang, ("sglang",)),
         "modelopt": (has_modelopt, ("nvidia-modelopt",)),
+        "cpu_ext": (has_cpu_ext, ()),
         "cuda_ext": (has_cuda_ext, ()),
     }
     for key, (probe, dists) in probes.items():

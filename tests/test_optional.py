@@ -81,19 +81,12 @@ def test_import_pulls_in_no_backend():
     # A fresh interpreter: importing the module must import neither torch nor any backend.
     code = ("import sys, megatron_rl; before = set(sys.modules); import megatron_rl._optional; "
             "print(sorted(m for m in ('torch', 'apex', 'transformer_engine', 'sglang', "
-            "'modelopt', 'megatron_rl._C') if m in sys.modules and m not in before))")
+            "'modelopt', 'megatron_rl._C', 'megatron_rl._C_cuda') if m in sys.modules and m not in before))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.skipif(not _optional.has_cuda_ext(), reason="megatron_rl._C not built")
-def test_cuda_ext_build_info_and_placeholder_op():
-    import torch
-
-    assert _optional.cuda_build_info().startswith("megatron_rl._C: CUDA ")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    x = torch.randn(1000, device="cuda")
-    y = torch.randn(1000, device="cuda")
-    ref = (x.double() + 0.5 * y.double()).float()  # independent float64 reference
-    torch.testing.assert_close(torch.ops.megatron_rl.add_scaled(x, y, 0.5), ref)
+@pytest.mark.skipif(not _optional.has_cuda_ext(), reason="megatron_rl._C_cuda not built")
+def test_cuda_ext_build_info():
+    # the CUDA ops themselves are tested in tests/test_fused_loss.py (GPU-marked)
+    assert _optional.cuda_build_info().startswith("megatron_rl._C_cuda: CUDA ")

@@ -106,13 +106,14 @@ def rl_step(tr: Trainer, cfg: RLConfig, ctx: StepContext, batch: StepBatch, *, s
                 kw = {} if rr is None else {"wrap_step": rr.wrap_forward_step,
                                             "extra": {ENGINE_ROUTES: mb[ENGINE_ROUTES]}}
                 mb["ref_logprobs"] = label_frame(
-                    compute_logprobs(ctx.ref_model, mb["tokens"], **_layout_kwargs(mb), **kw), mb["loss_mask"])
+                    compute_logprobs(ctx.ref_model, mb["tokens"], **_layout_kwargs(mb), **kw,
+                                     loss_impl=cfg.loss_impl), mb["loss_mask"])
     metrics["perf/logprob_time_s"] = time.perf_counter() - t0
     # 5. k optimizer steps, each a token-mean over its global mini-batch
     t0 = time.perf_counter()
     settings = PolicyLossSettings(eps_low=cfg.eps_low, eps_high=cfg.eps_high, agg=cfg.loss_agg,
                                   max_response_len=cfg.max_new_tokens, entropy_coef=cfg.entropy_coef,
-                                  kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind)
+                                  kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind, loss_impl=cfg.loss_impl)
     per_mini = []
     key = replay_key(cfg)
     for j, mini in enumerate(minis):
@@ -330,7 +331,8 @@ def attach_old_logprobs(tr: Trainer, mbs: list[dict], cfg: RLConfig, *, engine_r
         for mb in mbs:
             kw = {} if rr is None else {"wrap_step": rr.wrap_forward_step,
                                         "extra": {ENGINE_ROUTES: mb[ENGINE_ROUTES]} if ENGINE_ROUTES in mb else {}}
-            mb["old_logprobs"] = label_frame(compute_logprobs(tr, mb["tokens"], **_layout_kwargs(mb), **kw),
+            mb["old_logprobs"] = label_frame(compute_logprobs(tr, mb["tokens"], **_layout_kwargs(mb), **kw,
+                                                              loss_impl=cfg.loss_impl),
                                              mb["rollout_logprobs"])
         recorded = rr.recorded_routes() if routing.get("mode") == "record" else None
     out = {}
@@ -436,6 +438,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
 
     add_multiturn_args(p)
     add_rollout_fp8_args(r)  # --rollout-fp8, --fp8-qat (megatron_rl.quant)
+    r.add_argument("--loss-impl", default="auto", choices=("auto", "fused", "torch"),
+                   help="logprobs / entropy / PPO clipping: fused csrc ops or torch (auto: fused if built)")
     r.add_argument("--eval-interval", type=int, default=0, help="0: only at the end")
     r.add_argument("--eval-n-samples", type=int, default=4)
     r.add_argument("--eval-max-prompts", type=int, default=64)

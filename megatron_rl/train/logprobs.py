@@ -6,7 +6,9 @@ Legend: B = rows, S = tokens per row, V = vocab (TP-sharded inside the model).
 "old logprobs" of an RL step: logp[b, t] = log softmax(logits[b, t])[tokens[b, t + 1]] (logits
 divided by the rollout temperature when ``apply_logits_temperature`` hooked the model).
 It runs the model with ``labels`` so Megatron's ``vocab_parallel_cross_entropy`` computes
--logp without ever gathering the full [B, S, V] logits over TP, through
+-logp without ever gathering the full [B, S, V] logits over TP (``loss_impl="torch"``), or takes
+the vocab-parallel logits and runs the fused one-pass op ``ops.vocab_parallel_logprobs_entropy``
+(``"fused"``, the default where the compiled op exists), through
 ``get_forward_backward_func(forward_only=True)`` so pipeline stages pass activations as in
 training; the last PP stage broadcasts the result to every rank of its pipeline group.
 
@@ -64,7 +66,7 @@ def apply_logits_temperature(model, temperature: float) -> list:
 def compute_logprobs(tr_or_model, tokens: torch.Tensor, *,
                      attention_mask: torch.Tensor | None = None,
                      position_ids: torch.Tensor | None = None, extra: dict | None = None,
-                     wrap_step=None) -> torch.Tensor:
+                     wrap_step=None, loss_impl: str = "auto") -> torch.Tensor:
     """Log-probabilities of ``tokens[:, 1:]`` given their prefixes, on every rank.
 
     Collective over the model-parallel group (TP / PP / EP): every rank of a DP replica calls it
@@ -80,14 +82,17 @@ def compute_logprobs(tr_or_model, tokens: torch.Tensor, *,
         extra: more batch keys handed to the forward step (e.g. ``"replay_routes"``).
         wrap_step: ``forward_step -> forward_step`` applied to the pass's Megatron forward step
             (e.g. ``moe.routing_replay.RoutingReplay.wrap_forward_step`` for R3 / R2 / RECORD).
+        loss_impl: "fused" / "torch" / "auto" (``ops.resolve_loss_impl`` on the model's device).
     Returns:
         [B, S - 1] float32 natural-log probabilities (<= 0), on CPU, identical on every rank of
         the pipeline group: ``out[b, t] = log p(tokens[b, t + 1] | tokens[b, :t + 1])``.
     Raises:
-        ValueError: ``tokens`` is not 2-D int64 with S >= 2.
+        ValueError: ``tokens`` is not 2-D int64 with S >= 2, or an unknown ``loss_impl``.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_rl.ops import resolve_loss_impl, vocab_parallel_logprobs_entropy
 
     if tokens.dim() != 2 or tokens.dtype != torch.int64 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [B, S>=2] int64, got {tuple(tokens.shape)} {tokens.dtype}")
@@ -104,8 +109,19 @@ def compute_logprobs(tr_or_model, tokens: torch.Tensor, *,
         **(extra or {}),
     }
 
+    fused = resolve_loss_impl(loss_impl, device) == "fused"
+
     def step(data_iterator, m):
         mb = next(data_iterator)
+        if fused:  # logits [B, S, V / tp] -> -logp [B, S], like the CE of the labels path
+            logits = m(mb["tokens"], mb["position_ids"], mb["attention_mask"])
+
+            def collect_fused(output, non_loss_data=True):
+                lp, _ = vocab_parallel_logprobs_entropy(output.detach(), mb["labels"],
+                                                        group=ps.get_tensor_model_parallel_group())
+                return -lp
+
+            return logits, collect_fused
         ce = m(mb["tokens"], mb["position_ids"], mb["attention_mask"], labels=mb["labels"])  # [B, S]
 
         def collect(output, non_loss_data=True):

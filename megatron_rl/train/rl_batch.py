@@ -204,6 +204,10 @@ class PolicyLossSettings:
     entropy_metric: compute ``train/entropy`` (needs the logits; no grad when entropy_coef = 0).
     kl_coef / kl_kind: KL-to-reference loss ``coef * sum(k) / global_num_tokens`` on RL tokens,
         active when > 0 and the batch has ``ref_logprobs`` (``losses.kl.kl_estimate``).
+    loss_impl: "fused" (``megatron_rl.ops``: one-pass vocab-parallel logprobs + entropy with the
+        gradient written in place, fused PPO clipping), "torch" (Megatron's
+        ``vocab_parallel_cross_entropy`` + ``losses/``), or "auto" = fused where the compiled op
+        exists for the model's device (``ops.resolve_loss_impl``).
     """
 
     eps_low: float
@@ -214,6 +218,7 @@ class PolicyLossSettings:
     entropy_metric: bool = True
     kl_coef: float = 0.0
     kl_kind: str = "k3"
+    loss_impl: str = "auto"
 
 
 @dataclass
@@ -289,9 +294,11 @@ def _per_sample_view(batch: dict, tensors: dict) -> dict:
     return out
 
 
-def _logprobs_entropy(output: torch.Tensor, labels: torch.Tensor, settings: PolicyLossSettings):
+def _logprobs_entropy(output: torch.Tensor, labels: torch.Tensor, settings: PolicyLossSettings,
+                      fused: bool = False):
     """(logprobs [B, S] float, entropy [B, S] or None) from the model output: CE [B, S] when the
-    model was called with labels, else logits [B, S, V / tp]."""
+    model was called with labels, else logits [B, S, V / tp] (fused: ``ops`` one-pass op, the
+    entropy returned only when the metric or the bonus needs it)."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -300,6 +307,13 @@ def _logprobs_entropy(output: torch.Tensor, labels: torch.Tensor, settings: Poli
     if output.dim() == 2:
         return -output.float(), None
     group = ps.get_tensor_model_parallel_group()
+    if fused:
+        from megatron_rl.ops import vocab_parallel_logprobs_entropy
+
+        logprobs, entropy = vocab_parallel_logprobs_entropy(output, labels.to(output.device), group=group)
+        if settings.entropy_coef == 0.0:
+            entropy = entropy.detach() if settings.entropy_metric else None
+        return logprobs, entropy
     if settings.entropy_coef != 0.0:
         entropy = vocab_parallel_entropy(output, group)
     else:
@@ -310,18 +324,27 @@ def _logprobs_entropy(output: torch.Tensor, labels: torch.Tensor, settings: Poli
     return -ce.float(), entropy
 
 
-def _rl_loss(settings: PolicyLossSettings, t: dict, n_glob, s_glob, stats: LossStats):
+def _policy_term(settings: PolicyLossSettings, t: dict, rl, n_glob, s_glob, fused: bool):
+    """The clipped surrogate of the RL tokens: ``losses.policy.policy_loss`` or the fused op."""
+    kw = dict(eps_low=settings.eps_low, eps_high=settings.eps_high, is_weights=t.get("is_weights"),
+              agg=settings.agg, global_num_tokens=n_glob, global_num_seqs=s_glob,
+              max_response_len=settings.max_response_len)
+    if fused:
+        from megatron_rl.ops import fused_policy_loss
+
+        return fused_policy_loss(t["logprobs"], t["old_logprobs"], t["advantages"], rl, **kw)
+    return policy_loss(t["logprobs"], t["old_logprobs"], t["advantages"], rl, **kw)
+
+
+def _rl_loss(settings: PolicyLossSettings, t: dict, n_glob, s_glob, stats: LossStats,
+             fused: bool = False):
     """The loss of one micro-batch from per-sample (or padded-row) tensors ``t`` [N, L]."""
     from megatron_rl.losses.kl import kl_loss
 
     lp, mask = t["logprobs"], t["loss_mask"].bool()
     sft = t["sft_mask"].bool() & mask if "sft_mask" in t else torch.zeros_like(mask)
     rl = mask & ~sft
-    weights = t.get("is_weights")
-    loss, m = policy_loss(
-        lp, t["old_logprobs"], t["advantages"], rl, eps_low=settings.eps_low,
-        eps_high=settings.eps_high, is_weights=weights, agg=settings.agg,
-        global_num_tokens=n_glob, global_num_seqs=s_glob, max_response_len=settings.max_response_len)
+    loss, m = _policy_term(settings, t, rl, n_glob, s_glob, fused)
     n_rl, n_sft = float(rl.sum()), float(sft.sum())
     stats.add(m, n_rl)
     stats.all_tokens += n_rl + n_sft
@@ -357,9 +380,11 @@ def policy_forward_step(settings: PolicyLossSettings, global_num_tokens: int, gl
     ``engine.train_step``'s ``train/loss`` is the global mini-batch loss.
     """
     logits = settings.entropy_metric or settings.entropy_coef != 0.0
+    impl = {}  # resolved once, on the model's device
 
     def loss_func(batch: dict, output: torch.Tensor):
-        logprobs, entropy = _logprobs_entropy(output, batch["labels"], settings)
+        fused = impl["fused"]
+        logprobs, entropy = _logprobs_entropy(output, batch["labels"], settings, fused)
         dev = logprobs.device
         t = {k: batch[k].to(dev) for k in _PER_TOKEN if batch.get(k) is not None}
         t["logprobs"] = logprobs
@@ -367,7 +392,7 @@ def policy_forward_step(settings: PolicyLossSettings, global_num_tokens: int, gl
             t["entropy"] = entropy
         if "sample_index" in batch:
             t = _per_sample_view(batch, t)
-        loss = _rl_loss(settings, t, global_num_tokens, global_num_seqs, stats)
+        loss = _rl_loss(settings, t, global_num_tokens, global_num_seqs, stats, fused)
         n_local = batch["loss_mask"].sum().to(dev)
         scaled = loss * global_num_tokens
         return scaled, n_local.to(torch.int), {"lm_loss": torch.stack([scaled.detach(), n_local])}
@@ -375,7 +400,11 @@ def policy_forward_step(settings: PolicyLossSettings, global_num_tokens: int, gl
     def step(data_iterator, model):
         batch = next(data_iterator)
         dev = next(model.parameters()).device
-        labels = None if logits else batch["labels"].to(dev)
+        if "fused" not in impl:
+            from megatron_rl.ops import resolve_loss_impl
+
+            impl["fused"] = resolve_loss_impl(settings.loss_impl, dev) == "fused"
+        labels = None if logits or impl["fused"] else batch["labels"].to(dev)
         output = model(batch["tokens"].to(dev), batch["position_ids"].to(dev),
                        batch["attention_mask"].to(dev), labels=labels)
         return output, lambda out: loss_func(batch, out)

@@ -65,6 +65,8 @@ class RLConfig:
     routing_replay: "r3" replays the engine's routes (arXiv 2510.11370) in the old-logprob and
     training passes; "r2" replays the routes the trainer recorded in the old-logprob pass during
     the mini-batch updates; "off" routes live.
+    loss_impl: "fused" (``megatron_rl.ops`` kernels for the logprobs, entropy and PPO clipping),
+    "torch" (Megatron's cross entropy + ``losses/``) or "auto" (fused where the op is built).
     routing_flip_rate: request the engines' routes every step and log the top-k flip rate between
     them and the trainer's (recorded in the old-logprob pass; with R3 on the replayed routes are
     the engine's by construction, so the metric is only computed without R3).
@@ -114,6 +116,7 @@ class RLConfig:
     routing_flip_rate: bool = False
     partial_rollout: bool = False
     partial_rollout_extra_groups: int = 1
+    loss_impl: str = "auto"
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -131,6 +134,8 @@ class RLConfig:
              f"{self.mini_batches_per_rollout}")
         need(self.micro_batch_size >= 1, f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
         need(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        need(self.loss_impl in ("auto", "fused", "torch"),
+             f"--loss-impl must be auto, fused or torch, got {self.loss_impl!r}")
         need(self.temperature > 0, f"--temperature must be > 0 (sampling), got {self.temperature}")
         need(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         need(self.num_steps >= 1, f"--num-steps must be >= 1, got {self.num_steps}")

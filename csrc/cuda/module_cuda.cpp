@@ -1,6 +1,7 @@
-// Python module `megatron_rl._C`: build facts only. Ops register themselves with the torch
-// dispatcher in their own files (TORCH_LIBRARY_FRAGMENT(megatron_rl, m)) and are called as
-// torch.ops.megatron_rl.<name> once this module is imported (after `import torch`).
+// Python module `megatron_rl._C_cuda`: build facts only. Importing it (after `import torch` and
+// `megatron_rl._C`, which defines the schemas) registers the CUDA implementations of
+// fused_loss_cuda.cu (TORCH_LIBRARY_IMPL(megatron_rl, CUDA, m)), called as
+// torch.ops.megatron_rl.<name>.
 //
 // Only pybind11 here, not <torch/extension.h>: the module passes no tensors through pybind11,
 // and the full header costs about a minute of compile time per file.
@@ -19,7 +20,7 @@ namespace megatron_rl {
 
 std::string cuda_build_info() {
   const int v = CUDART_VERSION;  // e.g. 13000 for 13.0
-  return "megatron_rl._C: CUDA " + std::to_string(v / 1000) + "." +
+  return "megatron_rl._C_cuda: CUDA " + std::to_string(v / 1000) + "." +
          std::to_string((v % 1000) / 10) + ", torch " + std::to_string(TORCH_VERSION_MAJOR) +
          "." + std::to_string(TORCH_VERSION_MINOR) + "." + std::to_string(TORCH_VERSION_PATCH);
 }
