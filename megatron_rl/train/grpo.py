@@ -19,10 +19,8 @@ critic (GAE exists as a loss function only), virtual pipeline stages.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
-import shlex
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ import torch
 from megatron_rl.losses.advantages import group_advantages
 from megatron_rl.losses.mismatch import mismatch_correction
 from megatron_rl.losses.shaping import overlong_penalty
-from megatron_rl.quant.fp8_engine import add_rollout_fp8_args, rollout_model_path
+from megatron_rl.quant.fp8_engine import rollout_model_path
 from megatron_rl.moe.routing_replay import (RoutingReplay, build_replay_routes, flip_rate_metrics, moe_layer_ids,
                                             routing_flip_counts)
 from megatron_rl.rollout.client import SamplingParams
@@ -42,7 +40,8 @@ from megatron_rl.train.engine import Trainer, train_step
 from megatron_rl.train.logprobs import apply_logits_temperature, compute_logprobs
 from megatron_rl.train.rl_batch import (LossStats, PolicyLossSettings, Sample, local_counts, microbatches,
                                         policy_forward_step)
-from megatron_rl.train.rl_config import ADVANTAGES, KL_KINDS, LBL_MODES, REPLAY_MODES, RLConfig
+from megatron_rl.train.grpo_args import engine_context_length, parse_args  # noqa: F401 - parse_args re-exported
+from megatron_rl.train.rl_config import RLConfig
 from megatron_rl.train.rl_rollout import RolloutProducer, RolloutService, StepBatch, rollout_stats
 
 
@@ -381,97 +380,6 @@ def global_counts(mini: list[dict]) -> tuple[int, int]:
     return int(c[0]), int(c[1])
 
 
-def parse_args(argv=None) -> tuple[argparse.Namespace, RLConfig]:
-    from megatron_rl.train.sft import add_common_args, check_optim_args
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(p)
-    d = p.add_argument_group("data / rollout")
-    d.add_argument("--train-data", required=True, help="jsonl of prompts with a 'label'")
-    d.add_argument("--eval-data", action="append", default=[], help="NAME=PATH, repeatable")
-    d.add_argument("--num-engines", type=int, default=2)
-    d.add_argument("--engine-kind", default="embedded", choices=["embedded", "sglang"])
-    d.add_argument("--engine-args", default="",
-                   help="extra engine flags, one shell-quoted string passed through to every engine "
-                        "(e.g. \"--dtype bfloat16\"; SGLang: \"--mem-fraction-static 0.7 --tp 2\")")
-    r = p.add_argument_group("rl")
-    r.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per step")
-    r.add_argument("--n-samples-per-prompt", type=int, default=4)
-    r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--temperature", type=float, default=1.0)
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--num-steps", type=int, default=10)
-    r.add_argument("--mini-batches-per-rollout", type=int, default=1, help="1 = fully on-policy")
-    r.add_argument("--micro-batch-size", type=int, default=4)
-    r.add_argument("--advantage", default="grpo", choices=ADVANTAGES)
-    r.add_argument("--eps-low", type=float, default=0.2)
-    r.add_argument("--eps-high", type=float, default=0.2)
-    r.add_argument("--tis-cap", type=float, default=None)
-    r.add_argument("--icepop-low", type=float, default=None)
-    r.add_argument("--icepop-high", type=float, default=None)
-    r.add_argument("--seq-mask-low", type=float, default=None)
-    r.add_argument("--seq-mask-high", type=float, default=None)
-    r.add_argument("--kl-coef", type=float, default=0.0)
-    r.add_argument("--kl-kind", default="k3", choices=KL_KINDS)
-    r.add_argument("--ref-hf", default=None, help="HF dir of the frozen reference policy (KL)")
-    r.add_argument("--entropy-coef", type=float, default=0.0)
-    r.add_argument("--dynamic-sampling", action="store_true")
-    r.add_argument("--dynamic-sampling-max-rounds", type=int, default=4)
-    r.add_argument("--overlong-filter", action="store_true")
-    r.add_argument("--overlong-buffer", type=int, default=0)
-    r.add_argument("--overlong-penalty", type=float, default=1.0)
-    r.add_argument("--async-one-step-off", action="store_true")
-    r.add_argument("--hpt-gamma", type=float, default=None)
-    r.add_argument("--pack-rollouts", action="store_true")
-    r.add_argument("--pack-max-tokens", type=int, default=0)
-    r.add_argument("--lbl-mode", default="off", choices=LBL_MODES)
-    r.add_argument("--lbl-alpha", type=float, default=0.0)
-    r.add_argument("--expert-bias-rate", type=float, default=0.0)
-    r.add_argument("--routing-replay", default="off", choices=REPLAY_MODES)
-    r.add_argument("--routing-flip-rate", action="store_true",
-                   help="ask the engines for their routes and log the top-k flip rate vs the trainer")
-    r.add_argument("--partial-rollout", action="store_true",
-                   help="abort generations still running once a step has enough groups; continue them next step")
-    r.add_argument("--partial-rollout-extra-groups", type=int, default=1,
-                   help="groups generated beyond --rollout-batch-size per step (with --partial-rollout)")
-    from megatron_rl.rollout.multiturn import add_multiturn_args, check_multiturn_args
-
-    add_multiturn_args(p)
-    add_rollout_fp8_args(r)  # --rollout-fp8, --fp8-qat (megatron_rl.quant)
-    r.add_argument("--loss-impl", default="auto", choices=("auto", "fused", "torch"),
-                   help="logprobs / entropy / PPO clipping: fused csrc ops or torch (auto: fused if built)")
-    r.add_argument("--eval-interval", type=int, default=0, help="0: only at the end")
-    r.add_argument("--eval-n-samples", type=int, default=4)
-    r.add_argument("--eval-max-prompts", type=int, default=64)
-    r.add_argument("--eval-temperature", type=float, default=None,
-                   help="sampling temperature of the evals (default: --temperature)")
-    r.add_argument("--stop-after-steps", type=int, default=0,
-                   help="exit after this many steps in this process, without a final checkpoint "
-                        "(simulates a kill; to test resume)")
-    args = p.parse_args(argv)
-    check_optim_args(p, args)
-    if args.num_engines < 1:
-        p.error(f"--num-engines must be >= 1, got {args.num_engines}")
-    for spec in args.eval_data:
-        if "=" not in spec:
-            p.error(f"--eval-data expects NAME=PATH, got {spec!r}")
-    try:
-        args.engine_extra_args = tuple(shlex.split(args.engine_args))
-    except ValueError as e:
-        p.error(f"--engine-args: {e}")
-    try:
-        cfg = RLConfig(**{f: getattr(args, f) for f in RLConfig.__dataclass_fields__})
-    except ValueError as e:
-        p.error(str(e))
-    if cfg.kl_coef > 0 and not os.path.isfile(os.path.join(cfg.ref_hf, "config.json")):
-        p.error(f"--ref-hf {cfg.ref_hf}: no config.json there (an HF checkpoint dir is expected)")
-    if args.moe_aux_loss_coeff > 0 and cfg.lbl_mode != "off":
-        p.error("--lbl-mode and --moe-aux-loss-coeff are two load-balancing losses; use one")
-    check_multiturn_args(p, args, cfg)
-    args.train_steps = cfg.num_steps * cfg.mini_batches_per_rollout  # LR schedule in optimizer steps
-    return args, cfg
-
-
 @contextmanager
 def _engines(args):
     """Rank 0: EngineLauncher (engines + router) for the run; other ranks: nothing."""
@@ -513,14 +421,6 @@ def load_reference_model(tr: Trainer, ref_hf: str):
     return model
 
 
-def _engine_context_length(engine_args: tuple[str, ...]) -> int | None:
-    """The ``--context-length`` passed to the engines through ``--engine-args``, else None."""
-    for i, a in enumerate(engine_args):
-        if a.startswith("--context-length"):
-            return int(a.split("=", 1)[1] if "=" in a else engine_args[i + 1])
-    return None
-
-
 def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     """Run (or resume) a GRPO job; ``verifier(response, label) -> float`` scores the samples.
 
@@ -559,7 +459,7 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
         from megatron_rl.quant.qat import apply_fp8_qat
         apply_fp8_qat(tr.model)
     rank0 = torch.distributed.get_rank() == 0
-    ctx_len = _engine_context_length(args.engine_extra_args) or tr.hf_config.get("max_position_embeddings", 1 << 30)
+    ctx_len = engine_context_length(args.engine_extra_args) or tr.hf_config.get("max_position_embeddings", 1 << 30)
     for path, line_rows in datasets.values():  # a prompt that cannot fit fails here, naming file:line
         check_prompt_lengths(path, [ln for ln, _ in line_rows], [len(build_prompt_ids(tok, r)) for _, r in line_rows],
                              context_length=ctx_len, max_new_tokens=cfg.max_new_tokens)

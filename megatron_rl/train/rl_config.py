@@ -1,6 +1,6 @@
 """Typed configuration of the GRPO-family RL loop (what we own; Megatron's flags stay Megatron's).
 
-``RLConfig`` is built once from the CLI (``grpo.parse_args``) and handed to ``rl_step``; leaf
+``RLConfig`` is built once from the CLI (``grpo_args.parse_args``) and handed to ``rl_step``; leaf
 functions receive only the scalars they need. ``__post_init__`` rejects every combination the
 loop cannot run, with a message naming the flag.
 Left out: multi-step-off asynchrony (only one step off), a learned value head in the loop (GAE
