@@ -5,7 +5,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
+
+#include "fused_loss.h"
 
 namespace megatron_rl {
 namespace fused {
@@ -87,6 +90,31 @@ inline void check_ppo_settings(double eps_low, double eps_high, double dual_clip
               seq_low, " > ", seq_high);
   TORCH_CHECK(has_rollout || (tis_cap <= 0.0 && icepop_low <= 0.0 && seq_low <= 0.0), p,
               "rollout_logprobs' is required by tis_cap / icepop / sequence mask");
+}
+
+// Every argument of ppo_token_loss, checked once for both backends (logprobs [B, L] float32 /
+// float64; the other per-token tensors like it; the settings' ranges). Returns the settings.
+inline PpoSettings check_ppo_args(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
+                                  const std::optional<at::Tensor>& rollout_logprobs,
+                                  const at::Tensor& advantages, const at::Tensor& loss_mask,
+                                  const std::optional<at::Tensor>& is_weights, double eps_low,
+                                  double eps_high, double dual_clip_c, double tis_cap,
+                                  double icepop_low, double icepop_high, double seq_low,
+                                  double seq_high) {
+  check_float(logprobs, "ppo_token_loss", "logprobs", false);
+  TORCH_CHECK(logprobs.dim() == 2, "megatron_rl::ppo_token_loss: argument 'logprobs' must be "
+              "[B, L] (rows = sequences), got shape ", logprobs.sizes());
+  const bool has_roll = rollout_logprobs.has_value() && rollout_logprobs->defined();
+  const bool has_w = is_weights.has_value() && is_weights->defined();
+  check_token_tensor(old_logprobs, logprobs, "old_logprobs");
+  check_token_tensor(advantages, logprobs, "advantages");
+  check_token_tensor(loss_mask, logprobs, "loss_mask");
+  if (has_roll) check_token_tensor(*rollout_logprobs, logprobs, "rollout_logprobs");
+  if (has_w) check_token_tensor(*is_weights, logprobs, "is_weights");
+  check_ppo_settings(eps_low, eps_high, dual_clip_c, tis_cap, icepop_low, icepop_high, seq_low,
+                     seq_high, has_roll);
+  return PpoSettings{eps_low, eps_high, dual_clip_c, tis_cap, icepop_low, icepop_high,
+                     seq_low, seq_high, has_roll, has_w};
 }
 
 }  // namespace fused

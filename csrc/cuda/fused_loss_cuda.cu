@@ -217,21 +217,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_loss_cuda(
     const at::Tensor& loss_mask, const std::optional<at::Tensor>& is_weights, double eps_low,
     double eps_high, double dual_clip_c, double tis_cap, double icepop_low, double icepop_high,
     double seq_low, double seq_high) {
-  check_float(logprobs, "ppo_token_loss", "logprobs", false);
-  TORCH_CHECK(logprobs.dim() == 2, "megatron_rl::ppo_token_loss: argument 'logprobs' must be "
-              "[B, L] (rows = sequences), got shape ", logprobs.sizes());
-  const bool has_roll = rollout_logprobs.has_value() && rollout_logprobs->defined();
-  const bool has_w = is_weights.has_value() && is_weights->defined();
-  check_token_tensor(old_logprobs, logprobs, "old_logprobs");
-  check_token_tensor(advantages, logprobs, "advantages");
-  check_token_tensor(loss_mask, logprobs, "loss_mask");
-  if (has_roll) check_token_tensor(*rollout_logprobs, logprobs, "rollout_logprobs");
-  if (has_w) check_token_tensor(*is_weights, logprobs, "is_weights");
-  check_ppo_settings(eps_low, eps_high, dual_clip_c, tis_cap, icepop_low, icepop_high, seq_low,
-                     seq_high, has_roll);
+  const PpoSettings st = check_ppo_args(logprobs, old_logprobs, rollout_logprobs, advantages,
+                                        loss_mask, is_weights, eps_low, eps_high, dual_clip_c,
+                                        tis_cap, icepop_low, icepop_high, seq_low, seq_high);
+  const bool has_roll = st.has_rollout, has_w = st.has_weights;
   const c10::cuda::CUDAGuard guard(logprobs.device());
-  const PpoSettings st{eps_low, eps_high, dual_clip_c, tis_cap, icepop_low, icepop_high,
-                       seq_low, seq_high, has_roll, has_w};
   auto d = [](const at::Tensor& t) { return t.to(at::kDouble).contiguous(); };
   const at::Tensor lp = d(logprobs), old = d(old_logprobs), adv = d(advantages);
   const at::Tensor roll = has_roll ? d(*rollout_logprobs) : old;
