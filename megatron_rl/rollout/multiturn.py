@@ -173,21 +173,13 @@ async def generate_episode_groups(client: SGLangClient, prompts: list[list[int]]
     """n episodes per prompt ([P][n], episode (i, j) has rid f"{rid_prefix}-p{i}-s{j}" and, with
     ``sampling.seed``, seed + i * n + j like ``rollout.generate_groups``). Raises the first
     episode's error after cancelling the others."""
-    async def one(i: int, j: int) -> Episode:
-        sp = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + i * n + j)
+    from megatron_rl.rollout.rollout import gather_grid
+
+    async def one(i: int, j: int, sp: SamplingParams) -> Episode:
         return await run_episode(client, prompts[i], labels[i], env, renderer, sp, cfg,
                                  rid=f"{rid_prefix}-p{i}-s{j}", return_routed_experts=return_routed_experts)
 
-    tasks = [[asyncio.ensure_future(one(i, j)) for j in range(n)] for i in range(len(prompts))]
-    flat = [t for row in tasks for t in row]
-    try:
-        await asyncio.gather(*flat)
-    except BaseException:
-        for t in flat:
-            t.cancel()
-        await asyncio.gather(*flat, return_exceptions=True)
-        raise
-    return [[t.result() for t in row] for row in tasks]
+    return await gather_grid(one, len(prompts), n, sampling)
 
 
 def generate_and_score_episodes(svc, prompts: list[list[int]], labels: list[str], n: int,

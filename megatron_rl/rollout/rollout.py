@@ -41,21 +41,11 @@ async def generate_groups(client: SGLangClient, prompts: Sequence[Sequence[int]]
     prefix = rid_prefix or uuid.uuid4().hex[:12]
     dead_before = set(client.dead_engines)
 
-    async def one(i: int, j: int) -> GenerateResult:
-        sp = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + i * n + j)
+    async def one(i: int, j: int, sp: SamplingParams) -> GenerateResult:
         return await client.generate(prompts[i], sp, return_logprob=return_logprob,
                                      return_routed_experts=return_routed_experts, rid=f"{prefix}-p{i}-s{j}")
 
-    tasks = [[asyncio.ensure_future(one(i, j)) for j in range(n)] for i in range(len(prompts))]
-    flat = [t for row in tasks for t in row]
-    try:
-        await asyncio.gather(*flat)
-    except BaseException:
-        for t in flat:
-            t.cancel()
-        await asyncio.gather(*flat, return_exceptions=True)
-        raise
-    groups = [[t.result() for t in row] for row in tasks]
+    groups = await gather_grid(one, len(prompts), n, sampling)
     for i, g in enumerate(groups):
         rids = {r.rid for r in g}
         if len(g) != n or len(rids) != n:
@@ -79,3 +69,26 @@ def rollout_metrics(groups: list[list[GenerateResult]], client: SGLangClient) ->
         "rollout/dead_engines": float(len(client.dead_engines)),
         "rollout/retried_requests": float(client.n_retried),
     }
+
+
+def sample_sampling(sampling: SamplingParams, i: int, j: int, n: int) -> SamplingParams:
+    """Sampling params of sample j of prompt i: ``sampling.seed + i * n + j`` when seeded, so the n
+    samples of a group differ and a rollout is reproducible; unchanged when unseeded."""
+    return sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + i * n + j)
+
+
+async def gather_grid(one, n_prompts: int, n: int, sampling: SamplingParams) -> list[list]:
+    """Run ``await one(i, j, sample_sampling(sampling, i, j, n))`` for every prompt i < n_prompts and
+    sample j < n concurrently; returns the results as [n_prompts][n]. The first error is raised
+    after every other task is cancelled and awaited (no request keeps running behind the caller)."""
+    tasks = [[asyncio.ensure_future(one(i, j, sample_sampling(sampling, i, j, n))) for j in range(n)]
+             for i in range(n_prompts)]
+    flat = [t for row in tasks for t in row]
+    try:
+        await asyncio.gather(*flat)
+    except BaseException:
+        for t in flat:
+            t.cancel()
+        await asyncio.gather(*flat, return_exceptions=True)
+        raise
+    return [[t.result() for t in row] for row in tasks]
