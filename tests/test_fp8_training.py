@@ -184,3 +184,53 @@ def test_plain_dequantises_te_style_fp8_params():
         "decoder.layers.3.mlp.experts.local_experts.5.linear_fc2.bias"
     assert te_to_local_name("decoder.layers.0.self_attention.linear_q_up_proj.layer_norm_weight") == \
         "decoder.layers.0.self_attention.q_layernorm.weight"
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_rl_rows_padded_to_the_fp8_token_multiple(monkeypatch, pack):
+    """With an FP8 recipe's multiple (128, blockwise) every micro-batch row length is a multiple of
+    it, and the rows hold the same tokens, loss mask and advantages as without padding (the extra
+    columns are pad tokens with loss_mask 0). Reference: the token_multiple=1 batch of the same
+    samples."""
+    import random
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_rl.train.grpo import shard_minibatches
+    from megatron_rl.train.rl_batch import Sample
+    from megatron_rl.train.rl_config import RLConfig
+
+    monkeypatch.setattr(ps, "get_data_parallel_world_size", lambda: 1)
+    monkeypatch.setattr(ps, "get_data_parallel_rank", lambda: 0)
+    monkeypatch.setattr(ps, "get_data_parallel_group", lambda: None)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: None)  # one DP rank
+    rng = random.Random(0)
+    samples = [Sample(prompt_ids=[rng.randrange(1, 50) for _ in range(rng.randint(2, 9))],
+                      output_ids=[rng.randrange(1, 50) for _ in range(rng.randint(1, 30))],
+                      rollout_logprobs=None, reward=1.0, finish_reason="stop", weight_version="0", group=i // 2)
+               for i in range(8)]
+    for s in samples:
+        s.rollout_logprobs = [-0.5] * len(s.output_ids)
+    adv = torch.linspace(-1, 1, 8)
+    cfg = RLConfig(rollout_batch_size=4, n_samples_per_prompt=2, micro_batch_size=4, pack_rollouts=pack)
+    plain = shard_minibatches(samples, adv, cfg, pad_id=0, token_multiple=1)
+    fp8 = shard_minibatches(samples, adv, cfg, pad_id=0, token_multiple=fp8_pad_multiple("blockwise"))
+    assert all(mb["tokens"].shape[1] % 128 == 0 for mb in fp8[0])
+    for key in ("loss_mask", "advantages"):  # the same loss tokens and weights, however laid out
+        total = [sum(mb[key].double().sum() for mb in mbs) for mbs in (fp8[0], plain[0])]
+        torch.testing.assert_close(total[0], total[1], rtol=0, atol=1e-9, msg=key)
+    if pack:  # a wider row may hold more samples; each sample sits whole where sample_index says
+        seen = []
+        for mb in fp8[0]:
+            for i, row, off, n in mb["sample_index"]:
+                s = samples[i]
+                assert mb["tokens"][row, off: off + n].tolist() == s.prompt_ids + s.output_ids
+                seen.append(i)
+        assert sorted(seen) == list(range(len(samples)))
+        return
+    assert len(plain[0]) == len(fp8[0])
+    for a, b in zip(plain[0], fp8[0]):
+        s_a = a["tokens"].shape[1]
+        for key in ("tokens", "loss_mask", "advantages"):
+            assert torch.equal(b[key][:, :s_a], a[key]), key
+        assert not b["loss_mask"][:, s_a:].any() and (b["tokens"][:, s_a:] == 0).all()

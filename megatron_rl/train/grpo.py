@@ -49,11 +49,13 @@ from megatron_rl.train.rl_rollout import RolloutProducer, RolloutService, StepBa
 class StepContext:
     """What ``rl_step`` needs besides the config: the weight sync, the frozen reference model (KL
     on), the driver's rollout producer (drained before the sync), a row -> demonstration builder
-    (HPT on), the pad id and the MoE load balancer (None for a dense model)."""
+    (HPT on), the pad id, the MoE load balancer (None for a dense model) and the token multiple
+    every micro-batch row length is padded to (the FP8 recipe's GEMM alignment, 1 without FP8)."""
 
     weights: object
     producer: RolloutProducer
     pad_id: int
+    token_multiple: int = 1
     ref_model: object = None
     demo: Callable[[dict], Sample] | None = None
     balance: object = None  # moe.balance.LoadBalance: router metrics, LBL, expert-bias update
@@ -87,7 +89,7 @@ def rl_step(tr: Trainer, cfg: RLConfig, ctx: StepContext, batch: StepBatch, *, s
     train_samples, train_adv = select_training_samples(samples, adv, batch.rows, cfg, ctx, metrics,
                                                        carries=carries.tolist())
     # 3. this DP rank's share -> k mini-batches of micro-batches (padded rows, or packed)
-    minis = shard_minibatches(train_samples, train_adv, cfg, ctx.pad_id)
+    minis = shard_minibatches(train_samples, train_adv, cfg, ctx.pad_id, token_multiple=ctx.token_multiple)
     # 4. old logprobs under the rollout policy (no grad) + mismatch (TIS / IcePop / seq mask),
     #    reference logprobs when the KL is on
     t0 = time.perf_counter()
@@ -192,12 +194,15 @@ def select_training_samples(samples: list[Sample], adv: torch.Tensor, rows: list
     return out + demos, torch.tensor(out_adv + [0.0] * len(demos))
 
 
-def shard_minibatches(samples: list[Sample], adv: torch.Tensor, cfg: RLConfig, pad_id: int) -> list[list[dict]]:
+def shard_minibatches(samples: list[Sample], adv: torch.Tensor, cfg: RLConfig, pad_id: int, *,
+                      token_multiple: int = 1) -> list[list[dict]]:
     """This DP rank's k mini-batches of micro-batches.
 
     The sample list is padded with fully masked dummy samples to a multiple of dp * k, so every
     DP rank runs the same number of micro-batches (the EP all-to-alls span DP ranks); rank r
-    takes the r-th contiguous share, mini-batch j the j-th slice of it.
+    takes the r-th contiguous share, mini-batch j the j-th slice of it. Every row length (padded
+    or packed) is rounded up to ``token_multiple`` with masked pad tokens (FP8 recipes need the
+    GEMM's token count aligned: ``quant.fp8_training.fp8_pad_multiple``).
     """
     from megatron.core import parallel_state as ps
 
@@ -212,6 +217,7 @@ def shard_minibatches(samples: list[Sample], adv: torch.Tensor, cfg: RLConfig, p
         from megatron_rl.train.rl_batch import pack_microbatches
 
         cap = cfg.pack_max_tokens or max(len(s.prompt_ids) + len(s.output_ids) for s in samples)
+        cap = -(-cap // token_multiple) * token_multiple
         minis = [pack_microbatches(part, a, cap, pad_id) for part, a in parts]
         for (part, _), mini in zip(parts, minis):
             for mb in mini:  # which sample sits where (routes are laid out from it)
@@ -220,6 +226,7 @@ def shard_minibatches(samples: list[Sample], adv: torch.Tensor, cfg: RLConfig, p
                     mb["_routes"][row].append((off, part[idx].routed_experts))
         return [_even_microbatch_count(mini, pad_id) for mini in minis]
     seq_len = max(len(s.prompt_ids) + len(s.output_ids) for s in samples)
+    seq_len = -(-seq_len // token_multiple) * token_multiple
     minis = [microbatches(part, a, cfg.micro_batch_size, seq_len, pad_id) for part, a in parts]
     r = cfg.micro_batch_size
     for (part, _), mini in zip(parts, minis):
@@ -523,7 +530,8 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
             producer.load_state_dict(state["rollout"])
         producer.recover = lambda: weights.sync(tr.model, tr.hf_config, version=weights.version)  # all engines died
         ctx = StepContext(weights=weights, producer=producer, pad_id=pad_id, ref_model=ref_model,
-                          demo=demo if cfg.hpt_gamma is not None else None, balance=balance)
+                          demo=demo if cfg.hpt_gamma is not None else None, balance=balance,
+                          token_multiple=args.token_multiple)
         steps_here = 0
         try:
             if evals and step == 0:  # the "before" row of the eval table

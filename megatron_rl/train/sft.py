@@ -121,6 +121,10 @@ def setup(args, *, tconfig_hook=None) -> tuple[Trainer, object, dict]:
                       ("cuda" if torch.cuda.is_available() else "cpu"), te_available=_has_te(),
                       is_moe=bool(hf_config.get("num_experts") or hf_config.get("n_routed_experts")
                                   or hf_config.get("num_local_experts")))  # FP8 without TE: refused
+    args.token_multiple = fp8.pad_multiple  # row lengths are padded to it (RL) / must divide --seq-length (SFT)
+    if getattr(args, "seq_length", None) and args.seq_length % fp8.pad_multiple:
+        raise ValueError(f"--seq-length {args.seq_length} must be a multiple of {fp8.pad_multiple}, the token "
+                         f"alignment of --fp8-recipe {args.fp8_recipe} (packed rows are GEMM operands)")
     pc = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, cp=args.cp,
                         sequence_parallel=args.sequence_parallel)
     device = init_parallel(pc, device=args.device, seed=args.seed)
