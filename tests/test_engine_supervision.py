@@ -187,3 +187,39 @@ def test_rollout_recovers_when_every_engine_dies(world1):
         ref = producer(launcher).get(1, last_step=2)  # undisturbed, same engines (version 5)
         assert [(s.output_ids, s.reward) for s in batch.samples] == [(s.output_ids, s.reward) for s in ref.samples]
         assert batch.rows == ref.rows and prod.stream.state_dict() == {"epoch": 0, "pos": 2}
+
+
+def test_an_exiting_engine_counts_as_dead(tmp_path):
+    """An engine whose port already refuses connections but whose process has not exited yet (as
+    right after a SIGKILL under load) is waited for and reported dead, so a restart after "every
+    engine failed" covers every engine. Reference: the process's own exit (it closes its socket,
+    then exits 1 s later); a poll()-only check reports nothing here."""
+    import socket
+    import subprocess
+    import time
+    from types import SimpleNamespace
+
+    ready = tmp_path / "ready"
+    prog = ("import socket, sys, time\ns = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+            f"open({str(ready)!r}, 'w').write(str(s.getsockname()[1]))\n"
+            "time.sleep(0.5); s.close(); time.sleep(1.0); sys.exit(0)\n")
+    proc = subprocess.Popen([sys.executable, "-c", prog])
+    try:
+        while not ready.exists() or not ready.read_text():
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{ready.read_text()}"
+        engine = SimpleNamespace(popen=proc, url=url)
+        sup = EngineSupervisor(SimpleNamespace(engines=[engine]), exit_grace_s=10)
+        assert sup.dead_engines() == []  # listening: alive, not waited for
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # wait until the socket is closed, the process still up
+            try:
+                socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=1).close()
+            except ConnectionRefusedError:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None
+        assert sup.dead_engines() == [0] and proc.returncode == 0
+    finally:
+        proc.kill()
+        proc.wait()

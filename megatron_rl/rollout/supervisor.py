@@ -20,13 +20,18 @@ each (collective) sync, the only moment a restarted engine can be given the curr
 router's. Until then generation avoids a dead engine by itself (the client's retries in direct
 mode, the router's health checks and retries, and a direct fallback when the router is down).
 Left out: engines on other nodes (the launcher only starts local processes), hung-but-alive
-engines (only exited processes count as dead).
+engines (only exited or exiting processes count as dead: an engine whose port refuses connections
+gets ``exit_grace_s`` to finish exiting, since a SIGKILLed process closes its sockets before its
+exit status is visible).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import subprocess
 import time
+import urllib.parse
 
 from megatron_rl.rollout.launcher import EngineLauncher, EngineLaunchError
 
@@ -37,18 +42,42 @@ class AllEnginesDeadError(RuntimeError):
     """No engine could be kept alive within the bounded wait; names each engine and its log."""
 
 
+def _port_refuses(url: str) -> bool:
+    """True when nothing listens on ``url``'s host:port (connection refused). A listening but busy
+    server still accepts (the kernel's backlog), so this does not depend on the engine's load."""
+    u = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((u.hostname, u.port), timeout=1.0).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:  # timeout, unreachable: not evidence of a dead local engine
+        return False
+    return False
+
+
 class EngineSupervisor:
     """See the module doc. max_wait_s: how long restarts are retried when no engine is alive;
-    retry_s: the pause between those attempts."""
+    retry_s: the pause between those attempts; exit_grace_s: how long an engine whose port refuses
+    connections is given to finish exiting before it is left for the next check."""
 
-    def __init__(self, launcher: EngineLauncher, *, max_wait_s: float = 300.0, retry_s: float = 2.0):
+    def __init__(self, launcher: EngineLauncher, *, max_wait_s: float = 300.0, retry_s: float = 2.0,
+                 exit_grace_s: float = 5.0):
         self.launcher, self.max_wait_s, self.retry_s = launcher, max_wait_s, retry_s
+        self.exit_grace_s = exit_grace_s
         self.restarts = self.router_restarts = 0
         self._pending: list[str] = []  # restarted, not yet at the current version / on the router
 
     def dead_engines(self) -> list[int]:
-        """Indices of engines whose process exited (a busy engine may answer /health slowly, so
-        only the process counts)."""
+        """Indices of engines whose process exited. An engine still running whose port refuses
+        connections is exiting (e.g. SIGKILLed a moment ago: sockets close before the exit status
+        shows): it is waited for up to ``exit_grace_s``. A busy engine may answer /health slowly,
+        so no HTTP probe decides."""
+        for p in self.launcher.engines:
+            if p.popen.poll() is None and _port_refuses(p.url):
+                try:
+                    p.popen.wait(timeout=self.exit_grace_s)
+                except subprocess.TimeoutExpired:
+                    pass
         return [i for i, p in enumerate(self.launcher.engines) if p.popen.poll() is not None]
 
     def router_dead(self) -> bool:
