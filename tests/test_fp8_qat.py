@@ -7,25 +7,15 @@ Skipped when nvidia-modelopt is absent (it is in the ``dev`` and ``modelopt`` ex
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 from megatron_rl.testing import run_distributed
 
+from _fp8_ref import ref_qdq
+
 pytest.importorskip("modelopt.torch.quantization")
-
-
-def _ref_qdq(w: torch.Tensor, bn: int = 128, bk: int = 128) -> torch.Tensor:
-    w = w.double()
-    out = torch.empty_like(w)
-    for i in range(math.ceil(w.shape[0] / bn)):
-        for j in range(math.ceil(w.shape[1] / bk)):
-            blk = w[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk]
-            s = blk.abs().max().item() / 448.0 or 1.0
-            out[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk] = (blk / s).to(torch.float8_e4m3fn).double() * s
-    return out
 
 
 def _qat_export(model, names, hf) -> dict:
@@ -94,7 +84,7 @@ def test_quantised_modules(qat):
 
 
 def test_forward_uses_fresh_block_fp8_weights(qat):
-    wq = _ref_qdq(qat["w"])
+    wq = ref_qdq(qat["w"])
     want = qat["x"].double() @ wq.T
     torch.testing.assert_close(qat["y"].double(), want, rtol=1e-5, atol=1e-5)
 
@@ -103,7 +93,7 @@ def test_straight_through_gradients(qat):
     assert torch.isfinite(qat["grad_w"]).all() and torch.isfinite(qat["grad_x"]).all()
     g, x = qat["g"].double().reshape(-1, qat["g"].shape[-1]), qat["x"].double().reshape(-1, qat["x"].shape[-1])
     torch.testing.assert_close(qat["grad_w"].double(), g.T @ x, rtol=1e-5, atol=1e-5)  # dW = g^T x (STE)
-    torch.testing.assert_close(qat["grad_x"].double().reshape(-1, x.shape[-1]), g @ _ref_qdq(qat["w"]),
+    torch.testing.assert_close(qat["grad_x"].double().reshape(-1, x.shape[-1]), g @ ref_qdq(qat["w"]),
                                rtol=1e-5, atol=1e-5)  # dx = g W_qdq
 
 
@@ -124,7 +114,7 @@ def _rel_diffs(export: dict, plain: dict) -> dict[str, float]:
         if not is_quantized_name(k):
             assert torch.equal(export[k], w), k
             continue
-        out[k] = float((export[k].double() - _ref_qdq(w)).abs().max() / w.abs().max())
+        out[k] = float((export[k].double() - ref_qdq(w)).abs().max() / w.abs().max())
     return out
 
 

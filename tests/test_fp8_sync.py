@@ -8,7 +8,6 @@ Also: the engine's optional activation fake-quant against a float64 per-token-gr
 from __future__ import annotations
 
 import asyncio
-import math
 
 import pytest
 import torch
@@ -16,20 +15,9 @@ import torch
 from megatron_rl.rollout.client import SamplingParams, SGLangClient
 from megatron_rl.testing import run_distributed
 
+from _fp8_ref import ref_qdq
+
 PROMPTS = [[5, 6, 7, 8], [11, 3, 42, 9, 17, 2]]
-
-
-def _ref_qdq(w: torch.Tensor, bn: int = 128, bk: int = 128) -> torch.Tensor:
-    """float64 blockwise e4m3 quantise-dequantise: scale = amax/448 per block (explicit loops)."""
-    w = w.double()
-    out = torch.empty_like(w)
-    for i in range(math.ceil(w.shape[0] / bn)):
-        for j in range(math.ceil(w.shape[1] / bk)):
-            blk = w[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk]
-            s = blk.abs().max().item() / 448.0 or 1.0
-            out[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk] = (
-                (blk / s).clamp(-448, 448).to(torch.float8_e4m3fn).double() * s)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +99,7 @@ def test_fp8_sync_versions_and_engine_numerics(fp8_engine, tiny_hf_dir):
     export = res["export"]
     quantised = {k for k in export if is_quantized_name(k)}
     assert len(quantised) == 4 * (4 + 3 * 8)  # q/k/v/o + 8 experts x gate/up/down per layer
-    ref = {k: (_ref_qdq(t) if k in quantised else t.double()) for k, t in export.items()}
+    ref = {k: (ref_qdq(t) if k in quantised else t.double()) for k, t in export.items()}
     samples = asyncio.run(_generate(url))
     assert {s.weight_version for s in samples} == {"4"}
     want = _hf_logprobs(tiny_hf_dir, ref, samples)
