@@ -196,10 +196,10 @@ def test_grpo_with_partial_rollouts_on_the_embedded_engine(tiny_hf_dir, tmp_path
             assert r["mismatch/logprob_abs_diff"] > 1e-4 and r["mismatch/is_weight_abs_dev"] > 1e-4
         else:
             assert r["mismatch/logprob_abs_diff"] < 1e-5
-    # tokens carried at step s - 1 are trained at step s (the buffered groups run, and finish, first)
-    for step in (2, 3, 4):
-        if recs[step - 1]["rollout/partial_tokens_carried"] > 0:
-            assert recs[step]["rollout/token_staleness_max"] >= 1.0
+    # carried tokens are trained at a later step. Not necessarily at the next one: the engine admits
+    # the concurrent requests in arrival order, not in buffer order, so new groups can complete first
+    # (CI saw 143 carried tokens at step 2 and none of them trained at step 3)
+    assert any(recs[s]["rollout/partial_tokens_carried"] > 0 for s in (1, 2, 3))
     assert any(recs[s]["rollout/token_staleness_max"] > 0 for s in (2, 3, 4))
 
 
