@@ -18,8 +18,9 @@
 #      the tool's result as a tool message, then "The answer is \boxed{N}."), the sparse 4-5-op
 #      exposure of grpo_moe.sh (--edge-ops 4-5 --edge-frac 0.05), RL prompts of 4-5 operations;
 #   2. per seed in $SEEDS: examples/grpo_moe.sh with RUN=$RUN/seed<S> on that data (its SFT stage
-#      runs with --seq-length 512: a 3-op tool trace is ~310 tokens, a 5-op one ~500 with the tiny tokenizer; the 432-token
-#      episode budget fits a 5-op trace after its ~70-token prompt), then GRPO
+#      runs with --seq-length 512: a 3-op tool trace is ~310 tokens, a 5-op one ~500 with the tiny tokenizer), then GRPO
+#      with a 408-token episode budget: the tiny model's context is 512 tokens and the longest
+#      eval prompt (ood_hard) is 103, so grpo refuses a larger --max-new-tokens (DatasetError naming the row);
 #      with --env calc (multi-turn, the calculator environment of megatron_rl.rollout.tools_calc;
 #      --max-new-tokens is the episode budget over policy and tool tokens) and --eval-without-env
 #      (every eval also single-turn: eval/notool_<split>/pass@k next to eval/<split>/pass@k);
@@ -53,7 +54,7 @@ if [ ! -f "$DATA/rl_train.jsonl" ] || [ ! -f "$DATA/eval_ood_hard.jsonl" ]; then
 fi
 
 # ---------------------------------------------------------------- 2. SFT -> multi-turn GRPO per seed
-AGENT=(--env calc --max-turns 8 --max-tokens-per-turn 96 --max-new-tokens 432 --eval-without-env)
+AGENT=(--env calc --max-turns 8 --max-tokens-per-turn 96 --max-new-tokens 408 --eval-without-env)
 RUNS=()
 for S in $SEEDS; do
   log "seed $S: SFT with tool traces -> GRPO with the calculator ($RUN/seed$S)"
