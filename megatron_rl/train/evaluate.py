@@ -18,7 +18,7 @@ import tempfile
 import torch
 
 from megatron_rl.data.chat import build_prompt_ids, end_of_turn_id
-from megatron_rl.data.jsonl import load_jsonl
+from megatron_rl.data.loader import load_rows
 from megatron_rl.data.synthetic import verify
 
 
@@ -81,18 +81,27 @@ def hf_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
 
 
 def evaluate_splits(tr, tokenizer, hf_dir: str, hf_config: dict, splits: dict[str, str], *,
-                    n: int, max_new_tokens: int, verifier=verify) -> dict:
-    """Evaluate the first ``n`` rows of each ``{name: jsonl_path}`` split (collective)."""
+                    n: int, max_new_tokens: int, verifier=verify, keys=None) -> dict:
+    """Evaluate the first ``n`` rows of each ``{name: dataset path}`` split (collective).
+
+    Rows are read by ``data.loader.load_rows`` with the ``keys`` mapping (``RowKeys``; None: the
+    schema's own names). ``verifier`` follows ``rollout.rewards.Verifier`` (a float, or a dict
+    with "reward" and extra metrics, logged as ``eval/<split>/reward/<name>``); a verifier
+    error is raised (no failure is tolerated in an eval)."""
+    from megatron_rl.rollout.rewards import RewardRunner
+
     model = gather_hf_model(tr, hf_dir, hf_config)
     out = {}
     if model is not None:
         for name, path in splits.items():
-            rows = load_jsonl(path)[:n]
+            rows = [r for _, r in load_rows(path, keys=keys)][:n]
             responses, stopped = hf_greedy(model, tokenizer,
                                            [build_prompt_ids(tokenizer, r) for r in rows],
                                            max_new_tokens)
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            correct = sum(verifier(t, r["label"]) for t, r in zip(texts, rows))
+            scored = RewardRunner(verifier, max_failure_rate=0.0).score_sync(texts, [r["label"] for r in rows], 1)
+            correct = float(scored.rewards.sum())
+            out |= {f"eval/{name}/{k}": v for k, v in scored.extra.items()}
             out[f"eval/{name}/accuracy"] = correct / len(rows)
             out[f"eval/{name}/n"] = len(rows)
             out[f"eval/{name}/response_len_mean"] = sum(map(len, responses)) / len(rows)
