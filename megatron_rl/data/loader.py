@@ -88,7 +88,8 @@ def map_row(raw: object, keys: RowKeys, *, where: str, require_label: bool = Tru
 
 
 def _missing(where: str, key: str, flag: str, raw: dict) -> DatasetError:
-    return DatasetError(f"{where}: row has no {key!r} ({flag}); its columns: {sorted(raw)}")
+    present = sorted(k for k, v in raw.items() if v is not None)
+    return DatasetError(f"{where}: row has no {key!r} ({flag}); its non-null columns: {present}")
 
 
 def load_rows(path: str | os.PathLike, *, keys: RowKeys | None = None, require_label: bool = True,
