@@ -8,6 +8,7 @@ serialized ``wandb.proto.wandb_internal_pb2.Record`` messages.
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK, HEADER = 32768, 7
@@ -39,10 +40,21 @@ def read_records(path: Path) -> list:
     return out
 
 
+def finished_records(path: Path, wait_s: float = 60.0) -> list:
+    """The records of a finished run: wandb's service may still be writing the file when
+    ``run.finish()`` returns, so poll until the ``exit`` record is there (or ``wait_s`` passes)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        recs = read_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in recs) or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.2)
+
+
 def history_and_config(path: Path) -> tuple[list[dict], dict, object]:
     """(history rows as {key: value}, the run config {key: value}, the run record) of one .wandb file."""
     history, config, run = [], {}, None
-    for rec in read_records(path):
+    for rec in finished_records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})

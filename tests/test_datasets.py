@@ -189,10 +189,17 @@ def test_verifier_metrics_are_averaged_over_the_samples_that_report_them():
 
 
 # ---------------------------------------------------------------- GRPO from parquet, --verifier flag
-def test_grpo_from_parquet_with_a_flag_named_verifier_logs_its_metrics(tiny_hf_dir, tmp_path):
+def test_grpo_from_parquet_with_a_flag_named_verifier_logs_its_metrics(tiny_hf_dir, tmp_path, monkeypatch, capfd):
     """Train prompts from parquet (question/answer columns), eval prompts from an HF dataset dir;
-    the verifier is named by --verifier and reports ``even`` (== its reward) and ``chars``."""
+    the verifier is named by --verifier and reports ``even`` (== its reward) and ``chars``.
+    W&B runs offline: its run holds the same step metrics and the resolved config (flags + RLConfig);
+    rank 0 prints one console line per step."""
     datasets = pytest.importorskip("datasets")
+    pytest.importorskip("wandb")
+    from _wandb_offline import history_and_config
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     from megatron_rl.data.synthetic import generate
     from megatron_rl.testing import run_distributed
 
@@ -209,7 +216,8 @@ def test_grpo_from_parquet_with_a_flag_named_verifier_logs_its_metrics(tiny_hf_d
             "--verifier", "_data_runs:metric_verifier", "--out", str(out), "--num-engines", "1",
             "--rollout-batch-size", "2", "--n-samples-per-prompt", "4", "--max-new-tokens", "16",
             "--num-steps", "2", "--micro-batch-size", "4", "--lr-warmup-steps", "0",
-            "--eval-n-samples", "2", "--eval-max-prompts", "2", "--seed", "5"]
+            "--eval-n-samples", "2", "--eval-max-prompts", "2", "--seed", "5",
+            "--wandb-project", "megatron-rl-test", "--wandb-exp-name", "parquet"]
     (res,) = run_distributed(run_grpo_flags, 1, argv)
     recs = {r["step"]: r for r in map(json.loads, open(out / "metrics.jsonl"))}
     assert res["step"] == 2
@@ -218,3 +226,14 @@ def test_grpo_from_parquet_with_a_flag_named_verifier_logs_its_metrics(tiny_hf_d
         assert r["reward/even"] == pytest.approx(r["rollout/reward_mean"], abs=1e-12)
         assert r["reward/chars"] > 0 and r["rollout/response_len_mean"] > 0
     assert "eval/id/pass@1" in recs[0] and "eval/id/pass@1" in recs[2]
+    stdout = capfd.readouterr().out
+    assert "step 1/2 | reward " in stdout and "step 2/2 | reward " in stdout and "eta 0:00:00" in stdout
+    (wb,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    hist, cfg, run = history_and_config(wb)
+    by_step = {h["step"]: h for h in hist}
+    assert sorted(by_step) == [0, 1, 2] and run.display_name == "parquet"
+    for step in (1, 2):
+        assert by_step[step]["reward/even"] == recs[step]["reward/even"]
+        assert by_step[step]["train/loss"] == recs[step]["train/loss"]
+    assert cfg["verifier"] == "_data_runs:metric_verifier" and cfg["label_key"] == "answer.value"
+    assert cfg["rl"]["n_samples_per_prompt"] == 4 and cfg["rl"]["num_steps"] == 2

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import uuid
 from dataclasses import dataclass
 
 
@@ -126,8 +127,9 @@ def _start_wandb(run_dir: str, opts: WandbOptions, config: dict):
                           f"(pip install 'megatron_rl[wandb]'): {why_missing('wandb')}")
     import wandb
 
+    os.makedirs(run_dir, exist_ok=True)
     id_path = os.path.join(run_dir, "wandb_run_id")
-    run_id = open(id_path).read().strip() if os.path.exists(id_path) else wandb.util.generate_id()
+    run_id = open(id_path).read().strip() if os.path.exists(id_path) else uuid.uuid4().hex[:8]
     if not os.path.exists(id_path):
         with open(id_path + ".tmp", "w") as f:
             f.write(run_id + "\n")
