@@ -70,6 +70,8 @@ def test_key_mapping_plain_strings_chat_lists_and_dotted_keys(tmp_path):
                                             [{"role": "user", "content": "5-2?"}]]
     assert [r["label"] for r in got] == ["2", "3"] and "prompt" not in got[0]
     assert got[0]["extra_info"] == {"index": 0}  # other columns are kept
+    # the default --input-key (messages) takes verl's chat-list `prompt` column as the conversation
+    assert _rows(tmp_path / "verl.parquet", keys=RowKeys(label="reward_model.ground_truth")) == got
     # plain-string question + answer + SFT target under other names; a literal dotted column wins
     qa = [{"question": "Ann has 3 pens.", "answer": "3", "worked": "She has 3.", "a.b": "lit", "a": {"b": "nested"}}]
     write_jsonl_atomic(tmp_path / "qa.jsonl", qa)

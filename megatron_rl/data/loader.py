@@ -6,7 +6,9 @@ turn), ``label`` (the verifiable answer), optional ``solution`` (SFT target of a
 ``RowKeys`` names where each comes from in the user's rows (``--input-key``, ``--label-key``,
 ``--solution-key``); a key with dots (``reward_model.ground_truth``) walks nested objects when
 no column has that exact name. The input column may hold a list of ``{"role", "content"}`` turns
-(-> ``messages``) or a plain string (-> ``prompt``, rendered as one user turn). Null values of a
+(-> ``messages``) or a plain string (-> ``prompt``, rendered as one user turn); with the default
+``--input-key messages``, a row without ``messages`` uses its ``prompt`` column (a list of turns
+there, verl's layout, becomes ``messages``). Null values of a
 columnar file count as absent; every other column is kept (JSON-plain: a value JSON cannot hold,
 e.g. a timestamp, becomes its string).
 
@@ -69,7 +71,10 @@ def map_row(raw: object, keys: RowKeys, *, where: str, require_label: bool = Tru
     if not isinstance(raw, dict):
         raise DatasetError(f"{where}: row must be a JSON object, got {type(raw).__name__}")
     out = {k: v for k, v in raw.items() if v is not None}
-    if not (keys.input == "messages" and "messages" not in out and "prompt" in out):  # else: a prompt row
+    if keys.input == "messages" and "messages" not in out and "prompt" in out:  # a prompt row
+        if isinstance(out["prompt"], list):  # verl's layout: the prompt column holds chat turns
+            out["messages"] = out.pop("prompt")
+    else:
         value = lookup(raw, keys.input)
         if value is _MISSING:
             raise _missing(where, keys.input, "--input-key", raw)
