@@ -239,3 +239,26 @@ def test_grpo_from_parquet_with_a_flag_named_verifier_logs_its_metrics(tiny_hf_d
         assert by_step[step]["train/loss"] == recs[step]["train/loss"]
     assert cfg["verifier"] == "_data_runs:metric_verifier" and cfg["label_key"] == "answer.value"
     assert cfg["rl"]["n_samples_per_prompt"] == 4 and cfg["rl"]["num_steps"] == 2
+
+
+def test_flags_reach_both_entry_points_and_a_bad_verifier_fails_first(tmp_path):
+    from megatron_rl.train import grpo, sft
+
+    extra = ["--input-key", "question", "--label-key", "reward_model.ground_truth", "--solution-key", "worked",
+             "--verifier", "math", "--wandb-project", "p", "--wandb-exp-name", "n", "--wandb-entity", "e",
+             "--wandb-save-dir", str(tmp_path)]
+    base = ["--hf", "x", "--train-data", "t.parquet", "--out", str(tmp_path)]
+    args, _ = grpo.parse_args(base + ["--rollout-batch-size", "2", "--n-samples-per-prompt", "4"] + extra)
+    sargs = sft.parse_args(base + extra)
+    for a in (args, sargs):
+        assert (a.input_key, a.label_key, a.solution_key, a.verifier) == (
+            "question", "reward_model.ground_truth", "worked", "math")
+        assert (a.wandb_project, a.wandb_exp_name, a.wandb_entity, a.wandb_save_dir) == ("p", "n", "e", str(tmp_path))
+    defaults = sft.parse_args(base)
+    assert (defaults.input_key, defaults.label_key, defaults.solution_key, defaults.verifier,
+            defaults.wandb_project) == ("messages", "label", "solution", "synthetic", None)
+    write_jsonl_atomic(tmp_path / "rl.jsonl", ROWS)
+    for main in (grpo.main, sft.main):  # no model dir: the flag must fail before anything is built
+        with pytest.raises(ValueError, match="--verifier 'no_such_mod:f': cannot import"):
+            main(["--hf", str(tmp_path / "no_model"), "--train-data", str(tmp_path / "rl.jsonl"),
+                  "--out", str(tmp_path / "o"), "--verifier", "no_such_mod:f"])
