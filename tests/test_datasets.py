@@ -190,6 +190,14 @@ def test_verifier_metrics_are_averaged_over_the_samples_that_report_them():
     assert "without 'reward'" in nor.errors[0]
 
 
+def test_step_means_of_verifier_metrics_over_dynamic_sampling_rounds():
+    from megatron_rl.train.rl_rollout import weighted_means
+
+    got = weighted_means([(4, {"reward/a": 1.0}), (12, {"reward/a": 0.0, "reward/b": float("nan")}),
+                          (8, {"reward/b": 2.0})])
+    assert got == {"reward/a": 4 / 16, "reward/b": 2.0}
+
+
 # ---------------------------------------------------------------- GRPO from parquet, --verifier flag
 def test_grpo_from_parquet_with_a_flag_named_verifier_logs_its_metrics(tiny_hf_dir, tmp_path, monkeypatch, capfd):
     """Train prompts from parquet (question/answer columns), eval prompts from an HF dataset dir;

@@ -451,7 +451,7 @@ def main(argv=None, *, verifier: Verifier | None = None) -> dict:
     from megatron_rl.train.sft import setup
 
     args, cfg = parse_args(argv)
-    verifier = verifier or resolve_verifier(args.verifier)  # a bad --verifier fails before anything starts
+    verifier = resolve_verifier(args.verifier) if verifier is None else verifier  # a bad flag fails first
     # data first: a bad row fails in seconds, naming file:line, before any model is built
     keys = RowKeys.from_args(args)
     datasets = {"": (args.train_data, load_rows(args.train_data, keys=keys,
