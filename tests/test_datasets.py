@@ -270,3 +270,31 @@ def test_flags_reach_both_entry_points_and_a_bad_verifier_fails_first(tmp_path):
         with pytest.raises(ValueError, match="--verifier 'no_such_mod:f': cannot import"):
             main(["--hf", str(tmp_path / "no_model"), "--train-data", str(tmp_path / "rl.jsonl"),
                   "--out", str(tmp_path / "o"), "--verifier", "no_such_mod:f"])
+
+
+def test_sft_from_parquet_with_mapped_keys_and_a_flag_named_eval_verifier(tiny_hf_dir, tmp_path):
+    """World 1, 2 steps: SFT rows from parquet (question / worked / answer columns), eval rows from
+    an HF dataset dir; the eval verifier's ``even`` metric (== its reward) must equal the accuracy."""
+    datasets = pytest.importorskip("datasets")
+    from megatron_rl.data.synthetic import generate
+    from megatron_rl.testing import run_distributed
+
+    from _sft_runs import run_sft
+
+    def qa(rows):
+        return [{"question": r["prompt"], "worked": r["solution"], "answer": r["label"]} for r in rows]
+
+    _parquet(tmp_path / "train.parquet", qa(generate("id", 16, seed=11)))
+    datasets.Dataset.from_dict(_columns(qa(generate("id", 4, seed=12)))).save_to_disk(str(tmp_path / "eval_hf"))
+    out = tmp_path / "sft"
+    run_distributed(run_sft, 1, ["--hf", tiny_hf_dir, "--train-data", str(tmp_path / "train.parquet"),
+                                 "--eval-data", f"id={tmp_path / 'eval_hf'}", "--out", str(out),
+                                 "--input-key", "question", "--solution-key", "worked", "--label-key", "answer",
+                                 "--verifier", "_data_runs:metric_verifier", "--seq-length", "128",
+                                 "--micro-batch-size", "1", "--global-batch-size", "2", "--train-steps", "2",
+                                 "--lr-warmup-steps", "0", "--eval-samples", "4", "--eval-max-new-tokens", "8"])
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    evals = [r for r in recs if "eval/id/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 2] and [r["step"] for r in recs if "train/loss" in r] == [1, 2]
+    for r in evals:
+        assert r["eval/id/n"] == 4 and r["eval/id/reward/even"] == pytest.approx(r["eval/id/accuracy"], abs=1e-12)
