@@ -235,14 +235,18 @@ setup(
         "math-verify>=0.7",
         "sglang-router>=0.2",
         "aiohttp>=3.9",
+        "pyarrow>=15",  # parquet datasets (data/loader.py)
+        "datasets>=2.18",  # HF datasets saved with save_to_disk (data/loader.py)
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.0"],
         "sglang": ["sglang>=0.4.6"],
         "modelopt": ["nvidia-modelopt>=0.27", "requests"],  # modelopt.torch imports requests
+        "wandb": ["wandb>=0.17"],  # --wandb-project (train/logging.py)
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100", "openai>=1.40",
                 "accelerate>=1.0",  # transformers' FP8 loader, read in tests/test_fp8_checkpoint.py
-                "nvidia-modelopt>=0.27", "requests"],  # tests/test_fp8_qat.py (skipped without it)
+                "nvidia-modelopt>=0.27", "requests",  # tests/test_fp8_qat.py (skipped without it)
+                "wandb>=0.17"],  # tests/test_logging_wandb.py (offline mode)
     },
     ext_modules=EXT_MODULES,
     cmdclass={"build_ext": OptionalBuildExt},

@@ -1,5 +1,5 @@
 """Which optional backends this process can use: NVIDIA Apex, Transformer Engine, SGLang,
-ModelOpt and our compiled kernels (`megatron_rl._C`: CPU ops, `megatron_rl._C_cuda`: CUDA ops).
+ModelOpt, Weights & Biases and our compiled kernels (`megatron_rl._C`: CPU ops, `megatron_rl._C_cuda`: CUDA ops).
 
 Importing this module imports nothing optional and never raises. Each `has_*()` probes once,
 on first call, and caches the answer; a probe that fails for any reason (missing package,
@@ -80,6 +80,17 @@ def has_modelopt() -> bool:
 
 
 @functools.cache
+def has_wandb() -> bool:
+    """Weights & Biases (``wandb``, the optional ``megatron_rl[wandb]`` extra) imports."""
+    return _is_installed("wandb") and _try_import("wandb", "wandb")
+
+
+def why_missing(key: str) -> str:
+    """Why the probe ``key`` (e.g. "wandb") answered False, or "not installed"."""
+    return _errors.get(key, "not installed")
+
+
+@functools.cache
 def has_cpu_ext() -> bool:
     """Our CPU kernels `megatron_rl._C` import (built by setup.py wherever torch is)."""
     if not _try_import("cpu_ext", "torch"):  # _C links against libtorch: load torch first
@@ -134,7 +145,7 @@ def _dist_version(*names: str) -> str | None:
 
 def reset() -> None:
     """Forget cached answers (tests, or after installing a backend in-process)."""
-    for fn in (has_apex, has_te, has_sglang, has_modelopt, has_cpu_ext, has_cuda_ext):
+    for fn in (has_apex, has_te, has_sglang, has_modelopt, has_wandb, has_cpu_ext, has_cuda_ext):
         fn.cache_clear()
     _errors.clear()
 
@@ -153,6 +164,7 @@ def describe() -> dict[str, Any]:
         "te": (has_te, ("transformer-engine", "transformer_engine", "transformer-engine-torch")),
         "sglang": (has_sglang, ("sglang",)),
         "modelopt": (has_modelopt, ("nvidia-modelopt",)),
+        "wandb": (has_wandb, ("wandb",)),
         "cpu_ext": (has_cpu_ext, ()),
         "cuda_ext": (has_cuda_ext, ()),
     }

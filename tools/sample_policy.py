@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> str:
         p.error(f"--n must be >= 1, got {a.n}")
     if not (Path(a.hf) / "config.json").is_file():
         p.error(f"--hf {a.hf}: no config.json there")
-    from megatron_rl.data.jsonl import load_jsonl
+    from megatron_rl.data.loader import load_rows
 
-    rows = load_jsonl(a.data)[: a.n]
+    rows = [r for _, r in load_rows(a.data)][: a.n]
     responses = sample(a.hf, rows, a.max_new_tokens)
     table = summarize(rows, responses)
     print(f"{a.hf} on {a.data} (first {len(rows)} rows, greedy, {a.max_new_tokens} new tokens)\n")

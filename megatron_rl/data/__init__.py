@@ -1,4 +1,5 @@
-"""Datasets: jsonl loading, chat templates, sequence packing, the synthetic reasoning task.
+"""Datasets: loading (`loader`: jsonl / parquet / HF dirs with key mapping; `jsonl`: the row schema),
+chat templates, sequence packing, the synthetic reasoning task.
 
-`jsonl` and `synthetic` import no torch; `chat` needs a HF tokenizer; `packing` needs torch.
+`loader`, `jsonl` and `synthetic` import no torch; `chat` needs a HF tokenizer; `packing` needs torch.
 """

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -82,6 +82,21 @@ def load_jsonl_with_lines(path: str | os.PathLike, *, require_label: bool = True
                           require_solution: bool = False) -> list[tuple[int, dict]]:
     """Like `load_jsonl` but returns (1-based line number, row) pairs, for later error messages."""
     out = []
+    for line_no, row in iter_jsonl_objects(path):
+        validate_row(row, require_label=require_label, require_solution=require_solution,
+                     path=path, line=line_no)
+        out.append((line_no, row))
+    if not out:
+        raise DatasetError(f"{path}: empty dataset (no non-blank lines)")
+    return out
+
+
+def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """Yield (1-based line number, parsed JSON value) for every non-blank line, unvalidated.
+
+    Raises DatasetError ("<path>:<line>: ...") on invalid UTF-8 or malformed JSON; OSError if
+    the file cannot be read.
+    """
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
@@ -92,30 +107,26 @@ def load_jsonl_with_lines(path: str | os.PathLike, *, require_label: bool = True
             if not text.strip():
                 continue
             try:
-                row = json.loads(text)
+                yield line_no, json.loads(text)
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{path}:{line_no}: malformed JSON: {e.msg} (column {e.colno})") from e
-            validate_row(row, require_label=require_label, require_solution=require_solution,
-                         path=path, line=line_no)
-            out.append((line_no, row))
-    if not out:
-        raise DatasetError(f"{path}: empty dataset (no non-blank lines)")
-    return out
 
 
-def check_prompt_lengths(path: str | os.PathLike, lines: list[int], lengths: list[int], *,
+def check_prompt_lengths(path: str | os.PathLike, lines: list[int] | list[str], lengths: list[int], *,
                          context_length: int, max_new_tokens: int) -> None:
     """Refuse rows whose prompt does not fit the context with room for the response.
 
-    lines: the 1-based line of each row; lengths: its prompt length in tokens (chat template
+    lines: the 1-based line of each row, or its whole location string (``data.load_rows``:
+    "file.parquet: row 7"); lengths: its prompt length in tokens (chat template
     applied). A row needs ``length + max_new_tokens <= context_length`` (SGLang refuses a request
     whose input plus max_new_tokens exceeds the model's context length). Raises DatasetError
-    naming ``path:line`` of the first row that does not fit.
+    naming ``path:line`` (or the location) of the first row that does not fit.
     """
     limit = context_length - max_new_tokens
     for line, n in zip(lines, lengths):
         if n > limit:
-            raise DatasetError(f"{path}:{line}: prompt is {n} tokens; the context length is {context_length} "
+            where = line if isinstance(line, str) else f"{path}:{line}"
+            raise DatasetError(f"{where}: prompt is {n} tokens; the context length is {context_length} "
                                f"and max_new_tokens {max_new_tokens}, so a prompt may have at most {limit}")
 
 

@@ -161,7 +161,7 @@ def produce_partial(prod, step: int):
     samples = [Sample(prompt_ids=s.prompt_ids, output_ids=s.output_ids, rollout_logprobs=s.logprobs,
                       reward=float(x), finish_reason=s.finish_reason, weight_version=s.weight_version,
                       token_versions=s.token_versions) for s, x in zip(slots, scored.rewards)]
-    metrics = staleness([s.token_versions for s in slots], step - 1) | {
+    metrics = staleness([s.token_versions for s in slots], step - 1) | scored.extra | {
         "rollout/aborted_requests": float(aborted), "rollout/partial_groups_carried": float(len(prod.partial_buffer)),
         "rollout/partial_tokens_carried": float(sum(len(s.output_ids) for _, g in prod.partial_buffer for s in g)),
         "perf/rollout_time_s": t1 - t0, "perf/reward_time_s": time.perf_counter() - t1}

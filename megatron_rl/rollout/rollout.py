@@ -17,7 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from typing import Sequence
+from typing import Callable, Sequence
 
 from megatron_rl.rollout.client import GenerateResult, SamplingParams, SGLangClient
 
@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 async def generate_groups(client: SGLangClient, prompts: Sequence[Sequence[int]], n: int,
                           sampling: SamplingParams, *, return_logprob: bool = True,
-                          return_routed_experts: bool = False,
-                          rid_prefix: str | None = None) -> list[list[GenerateResult]]:
-    """Generate n samples for each of P token-id prompts.
+                          return_routed_experts: bool = False, rid_prefix: str | None = None,
+                          on_result: Callable[[], None] | None = None) -> list[list[GenerateResult]]:
+    """Generate n samples for each of P token-id prompts; ``on_result()`` is called as each sample
+    completes (e.g. a progress bar's update).
 
     Returns [P][n] GenerateResult; result [i][j] has rid f"{rid_prefix}-p{i}-s{j}".
     Dead engines found during the rollout are in `client.dead_engines` (and logged).
@@ -42,8 +43,11 @@ async def generate_groups(client: SGLangClient, prompts: Sequence[Sequence[int]]
     dead_before = set(client.dead_engines)
 
     async def one(i: int, j: int, sp: SamplingParams) -> GenerateResult:
-        return await client.generate(prompts[i], sp, return_logprob=return_logprob,
-                                     return_routed_experts=return_routed_experts, rid=f"{prefix}-p{i}-s{j}")
+        out = await client.generate(prompts[i], sp, return_logprob=return_logprob,
+                                    return_routed_experts=return_routed_experts, rid=f"{prefix}-p{i}-s{j}")
+        if on_result is not None:
+            on_result()
+        return out
 
     groups = await gather_grid(one, len(prompts), n, sampling)
     for i, g in enumerate(groups):

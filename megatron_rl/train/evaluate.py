@@ -18,7 +18,7 @@ import tempfile
 import torch
 
 from megatron_rl.data.chat import build_prompt_ids, end_of_turn_id
-from megatron_rl.data.jsonl import load_jsonl
+from megatron_rl.data.loader import load_rows
 from megatron_rl.data.synthetic import verify
 
 
@@ -60,8 +60,9 @@ def save_hf_checkpoint(tr, hf_dir: str, hf_config: dict, out_dir: str) -> None:
 
 @torch.no_grad()
 def hf_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-              batch_size: int = 64) -> tuple[list[list[int]], list[bool]]:
-    """Greedy responses (token ids, stop token included) and whether each hit a stop token."""
+              batch_size: int = 64, progress=None) -> tuple[list[list[int]], list[bool]]:
+    """Greedy responses (token ids, stop token included) and whether each hit a stop token.
+    ``progress``: a tqdm-like bar, updated by the prompts of each finished batch (None: none)."""
     stop = [t for t in (end_of_turn_id(tokenizer), tokenizer.eos_token_id) if t is not None]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     outs, stopped = [], []
@@ -77,22 +78,37 @@ def hf_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
             cut = next((j + 1 for j, t in enumerate(row) if t in stop), None)
             outs.append(row[:cut] if cut else row)
             stopped.append(cut is not None)
+        if progress is not None:
+            progress.update(len(chunk))
     return outs, stopped
 
 
 def evaluate_splits(tr, tokenizer, hf_dir: str, hf_config: dict, splits: dict[str, str], *,
-                    n: int, max_new_tokens: int, verifier=verify) -> dict:
-    """Evaluate the first ``n`` rows of each ``{name: jsonl_path}`` split (collective)."""
+                    n: int, max_new_tokens: int, verifier=verify, keys=None) -> dict:
+    """Evaluate the first ``n`` rows of each ``{name: dataset path}`` split (collective).
+
+    Rows are read by ``data.loader.load_rows`` with the ``keys`` mapping (``RowKeys``; None: the
+    schema's own names). ``verifier`` follows ``rollout.rewards.Verifier`` (a float, or a dict
+    with "reward" and extra metrics, logged as ``eval/<split>/reward/<name>``); a verifier
+    error is raised (no failure is tolerated in an eval)."""
+    from megatron_rl.rollout.rewards import RewardRunner
+    from megatron_rl.train.logging import progress_bar
+
     model = gather_hf_model(tr, hf_dir, hf_config)
     out = {}
     if model is not None:
         for name, path in splits.items():
-            rows = load_jsonl(path)[:n]
+            rows = [r for _, r in load_rows(path, keys=keys)][:n]
+            bar = progress_bar(len(rows), f"eval-{name}", leave=False, unit="prompt")  # None off a terminal
             responses, stopped = hf_greedy(model, tokenizer,
                                            [build_prompt_ids(tokenizer, r) for r in rows],
-                                           max_new_tokens)
+                                           max_new_tokens, progress=bar)
+            if bar is not None:
+                bar.close()
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            correct = sum(verifier(t, r["label"]) for t, r in zip(texts, rows))
+            scored = RewardRunner(verifier, max_failure_rate=0.0).score_sync(texts, [r["label"] for r in rows], 1)
+            correct = float(scored.rewards.sum())
+            out |= {f"eval/{name}/{k}": v for k, v in scored.extra.items()}
             out[f"eval/{name}/accuracy"] = correct / len(rows)
             out[f"eval/{name}/n"] = len(rows)
             out[f"eval/{name}/response_len_mean"] = sum(map(len, responses)) / len(rows)

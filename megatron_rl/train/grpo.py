@@ -35,7 +35,7 @@ from megatron_rl.quant.fp8_engine import rollout_model_path
 from megatron_rl.moe.routing_replay import (RoutingReplay, build_replay_routes, flip_rate_metrics, moe_layer_ids,
                                             routing_flip_counts)
 from megatron_rl.rollout.client import SamplingParams
-from megatron_rl.rollout.rewards import Verifier, synthetic_verifier
+from megatron_rl.rollout.rewards import Verifier, resolve_verifier
 from megatron_rl.train.engine import Trainer, train_step
 from megatron_rl.train.logprobs import apply_logits_temperature, compute_logprobs
 from megatron_rl.train.rl_batch import (LossStats, PolicyLossSettings, Sample, local_counts, microbatches,
@@ -428,8 +428,9 @@ def load_reference_model(tr: Trainer, ref_hf: str):
     return model
 
 
-def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
-    """Run (or resume) a GRPO job; ``verifier(response, label) -> float`` scores the samples.
+def main(argv=None, *, verifier: Verifier | None = None) -> dict:
+    """Run (or resume) a GRPO job; ``verifier(response, label) -> float`` scores the samples
+    (None: the one ``--verifier`` names, ``rollout.rewards.resolve_verifier``).
 
     Returns, on rank 0, {"step", "engine_versions"} (each engine's final weight_version); else {}.
     Raises: ``DatasetError`` (file:line) for a bad train/eval row before any model is built;
@@ -437,24 +438,27 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     ``EngineResponseError`` for an engine that returns fewer logprobs than tokens).
     """
     from megatron_rl.data.chat import build_prompt_ids, build_sft_sample, end_of_turn_id
-    from megatron_rl.data.jsonl import check_prompt_lengths, load_jsonl_with_lines
+    from megatron_rl.data.jsonl import check_prompt_lengths
+    from megatron_rl.data.loader import RowKeys, load_rows
     from megatron_rl.parallel import destroy_parallel
     from megatron_rl.rollout.client import SGLangClient
     from megatron_rl.rollout.multiturn import multiturn_service_fields
     from megatron_rl.rollout.supervisor import EngineSupervisor  # restarts dead engines at each sync
     from megatron_rl.rollout.weight_sync import WeightSync
     from megatron_rl.train import checkpointing as ckpt
-    from megatron_rl.train.logging import MetricsLogger
+    from megatron_rl.train.logging import MetricsLogger, WandbOptions, console, format_step_line
     from megatron_rl.train.rl_batch import PromptStream
     from megatron_rl.train.sft import setup
 
     args, cfg = parse_args(argv)
+    verifier = resolve_verifier(args.verifier) if verifier is None else verifier  # a bad flag fails first
     # data first: a bad row fails in seconds, naming file:line, before any model is built
-    datasets = {"": (args.train_data, load_jsonl_with_lines(args.train_data,
-                                                            require_solution=cfg.hpt_gamma is not None))}
+    keys = RowKeys.from_args(args)
+    datasets = {"": (args.train_data, load_rows(args.train_data, keys=keys,
+                                                require_solution=cfg.hpt_gamma is not None))}
     for spec in args.eval_data:
         name, path = spec.split("=", 1)
-        datasets[name] = (path, load_jsonl_with_lines(path)[: cfg.eval_max_prompts])
+        datasets[name] = (path, load_rows(path, keys=keys)[: cfg.eval_max_prompts])
     train_rows = [r for _, r in datasets[""][1]]
     eval_rows = {name: [r for _, r in lr] for name, (_, lr) in datasets.items() if name}
     wants_routes = cfg.routing_replay == "r3" or cfg.routing_flip_rate
@@ -487,7 +491,8 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     root = os.path.join(args.out, "checkpoints")
     state = None if args.no_resume else ckpt.load_checkpoint(root, tr, fallback=args.resume_fallback)
     step = 0 if state is None else state["step"]
-    log = MetricsLogger(args.out, enabled=rank0, resume_step=step)
+    log = MetricsLogger(args.out, enabled=rank0, resume_step=step, wandb=WandbOptions.from_args(args),
+                        config=vars(args) | {"rl": vars(cfg)})
     eot = end_of_turn_id(tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     max_len = max(len(build_prompt_ids(tok, r)) for r in train_rows) + cfg.max_new_tokens
@@ -532,7 +537,7 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
         ctx = StepContext(weights=weights, producer=producer, pad_id=pad_id, ref_model=ref_model,
                           demo=demo if cfg.hpt_gamma is not None else None, balance=balance,
                           token_multiple=args.token_multiple)
-        steps_here = 0
+        steps_here, t_loop = 0, time.perf_counter()
         try:
             if evals and step == 0:  # the "before" row of the eval table
                 log.log(0, svc.evaluate(evals, cfg.eval_n_samples, eval_sampling))
@@ -545,6 +550,9 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
                     metrics.update(svc.evaluate(evals, cfg.eval_n_samples, eval_sampling))
                 log.log(step, metrics)
                 steps_here += 1
+                if rank0:  # one console line per step; ETA from this process's mean step time
+                    eta = (time.perf_counter() - t_loop) / steps_here * (cfg.num_steps - step)
+                    console(format_step_line(step, cfg.num_steps, metrics, eta_s=eta))
                 if args.stop_after_steps and steps_here >= args.stop_after_steps and not last:
                     break  # "killed": no checkpoint beyond the last periodic one
                 if (cfg.save_interval and step % cfg.save_interval == 0) or last:

@@ -10,6 +10,7 @@ import os
 import shlex
 
 from megatron_rl.quant.fp8_engine import add_rollout_fp8_args
+from megatron_rl.train.cli_extras import add_data_logging_args
 from megatron_rl.train.rl_config import ADVANTAGES, KL_KINDS, LBL_MODES, REPLAY_MODES, RLConfig
 
 
@@ -20,8 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description="GRPO-family RL of a Megatron-Core MoE model with rollout engines")
     add_common_args(p)
+    add_data_logging_args(p)  # --input-key/--label-key/--solution-key, --verifier, --wandb-*
     d = p.add_argument_group("data / rollout")
-    d.add_argument("--train-data", required=True, help="jsonl of prompts with a 'label'")
+    d.add_argument("--train-data", required=True, help="prompts with a label: jsonl, parquet or an HF dataset dir")
     d.add_argument("--eval-data", action="append", default=[], help="NAME=PATH, repeatable")
     d.add_argument("--num-engines", type=int, default=2)
     d.add_argument("--engine-kind", default="embedded", choices=["embedded", "sglang"])

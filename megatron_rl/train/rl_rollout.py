@@ -68,12 +68,21 @@ class RolloutService:
         return SGLangClient(self.engine_urls, router_url=router, routed_experts_layout=self.routed_experts_layout)
 
     def _generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams, tag: str):
+        from megatron_rl.train.logging import progress_bar
+
+        bar = progress_bar(len(prompts) * n, tag, leave=False, unit="sample")  # None off a terminal
+
         async def go():
             async with self._client() as c:
                 return await generate_groups(c, prompts, n, sampling, return_logprob=True, rid_prefix=tag,
-                                             return_routed_experts=self.return_routed_experts)
+                                             return_routed_experts=self.return_routed_experts,
+                                             on_result=None if bar is None else bar.update)
 
-        return asyncio.run(go())
+        try:
+            return asyncio.run(go())
+        finally:
+            if bar is not None:
+                bar.close()
 
     def evaluate(self, splits: dict[str, tuple[list[list[int]], list[str]]], n: int,
                  sampling: SamplingParams) -> dict[str, float]:
@@ -100,8 +109,9 @@ class RolloutService:
         prompts: P prompt token-id lists; labels: P reference answers; tag: request-id prefix
         (shows in the engine logs). Returns the P * n samples, group-major (prompt i's samples
         at [i * n, (i + 1) * n)), with the engine's token logprobs (and routes when requested),
-        and ``perf/rollout_time_s`` / ``perf/reward_time_s`` in seconds. Raises what the client or
-        the reward runner raise (an engine short of logprobs, a verifier that fails).
+        and ``perf/rollout_time_s`` / ``perf/reward_time_s`` in seconds plus the verifier's own
+        metrics (``reward/<name>``, means over the samples; ``RewardResult.extra``). Raises what
+        the client or the reward runner raise (an engine short of logprobs, a verifier that fails).
         """
         if self.env is not None:
             from megatron_rl.rollout.multiturn import generate_and_score_episodes
@@ -117,7 +127,8 @@ class RolloutService:
                           reward=float(x), finish_reason=r.finish_reason, weight_version=r.weight_version,
                           **({"routed_experts": r.routed_experts} if self.return_routed_experts else {}))
                    for r, x in zip(flat, scored.rewards)]
-        return samples, {"perf/rollout_time_s": t1 - t0, "perf/reward_time_s": time.perf_counter() - t1}
+        return samples, scored.extra | {"perf/rollout_time_s": t1 - t0,
+                                        "perf/reward_time_s": time.perf_counter() - t1}
 
 
 def rollout_stats(samples: list[Sample], n: int) -> dict[str, float]:
@@ -136,6 +147,18 @@ def rollout_stats(samples: list[Sample], n: int) -> dict[str, float]:
             "rollout/response_len_mean": sum(lens) / len(lens),
             "rollout/response_len_max": float(max(lens)),
             "rollout/truncation_rate": sum(s.finish_reason == "length" for s in samples) / len(samples)}
+
+
+def weighted_means(parts: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Merge per-call metric means: ``parts`` = [(samples in the call, {name: mean})] -> {name:
+    sample-weighted mean over the calls that report it}; NaN means are left out."""
+    acc: dict[str, list[float]] = {}
+    for count, means in parts:
+        for k, v in means.items():
+            a = acc.setdefault(k, [0.0, 0.0])
+            if v == v:
+                a[0], a[1] = a[0] + v * count, a[1] + count
+    return {k: (s / c if c else float("nan")) for k, (s, c) in acc.items()}
 
 
 @dataclass(kw_only=True)
@@ -200,7 +223,7 @@ class RolloutProducer:
         kept: list[tuple[dict, list[Sample]]] = []
         dropped: list[tuple[dict, list[Sample]]] = []
         times = {"perf/rollout_time_s": 0.0, "perf/reward_time_s": 0.0}
-        rounds, generated = 0, 0
+        rounds, generated, extra = 0, 0, []
         while len(kept) < self.p and rounds < (self.max_rounds if self.dynamic else 1):
             rows = self.stream.take(self.p - len(kept))  # round 0: P; later rounds: what is missing
             base = self.sampling(step)
@@ -208,13 +231,14 @@ class RolloutProducer:
             samples, t = self._generate_and_score_rows(rows, sp, f"step{step}-r{rounds}")
             for k in times:
                 times[k] += t[k]
+            extra.append((len(samples), {k: v for k, v in t.items() if k.startswith("reward/")}))
             for i, row in enumerate(rows):
                 g = samples[i * self.n:(i + 1) * self.n]
                 (kept if (not self.dynamic or group_has_variance(g)) else dropped).append((row, g))
             rounds, generated = rounds + 1, generated + len(rows)
         short = self.p - len(kept)
         groups = kept[: self.p] + dropped[:max(short, 0)]
-        metrics = dict(times)
+        metrics = dict(times) | weighted_means(extra)  # the verifier's reward/<name> over every round
         if self.dynamic:
             metrics.update({"rollout/dynamic_rounds": float(rounds),
                             "rollout/prompts_generated": float(generated),

@@ -21,7 +21,8 @@ import torch
 
 from megatron_rl.train import checkpointing as ckpt
 from megatron_rl.train.engine import OptimConfig, Trainer, build_trainer, train_step
-from megatron_rl.train.logging import MetricsLogger
+from megatron_rl.train.cli_extras import add_data_logging_args
+from megatron_rl.train.logging import MetricsLogger, WandbOptions, progress_bar
 from megatron_rl.train.sft_data import PackedRowStream, dp_microbatches, load_sft_samples
 
 
@@ -78,6 +79,7 @@ def check_optim_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p)
+    add_data_logging_args(p)  # --input-key/--label-key/--solution-key, --verifier, --wandb-*
     d = p.add_argument_group("data")
     d.add_argument("--train-data", required=True)
     d.add_argument("--eval-data", action="append", default=[],
@@ -161,14 +163,18 @@ def _is_logger() -> bool:
 
 
 def main(argv=None) -> None:
+    from megatron_rl.data.loader import RowKeys
+    from megatron_rl.rollout.rewards import resolve_verifier
+
     args = parse_args(argv)
+    keys, verifier = RowKeys.from_args(args), resolve_verifier(args.verifier)  # a bad --verifier fails first
     tr, tokenizer, hf_config = setup(args)
     from megatron.core import parallel_state as ps
 
     from megatron_rl.train.evaluate import evaluate_splits
 
     samples = load_sft_samples(args.train_data, tokenizer, args.seq_length,
-                               require_label=not args.no_require_label)
+                               require_label=not args.no_require_label, keys=keys)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stream = PackedRowStream(samples, args.seq_length, args.seed, pad_id)
     ckpt_root = os.path.join(args.out, "checkpoints")
@@ -177,13 +183,14 @@ def main(argv=None) -> None:
     if state is not None:
         step = state["step"]
         stream.load_state_dict(state["data"])
-    log = MetricsLogger(args.out, enabled=_is_logger(), resume_step=step)
+    log = MetricsLogger(args.out, enabled=_is_logger(), resume_step=step, wandb=WandbOptions.from_args(args),
+                        config=vars(args))
     eval_splits = dict(spec.split("=", 1) for spec in args.eval_data)
 
     def run_eval():
         if eval_splits:
             log.log(step, evaluate_splits(tr, tokenizer, args.hf, hf_config, eval_splits,
-                                          n=args.eval_samples,
+                                          n=args.eval_samples, verifier=verifier, keys=keys,
                                           max_new_tokens=args.eval_max_new_tokens))
 
     if step == 0:
@@ -225,11 +232,7 @@ def main(argv=None) -> None:
 
 
 def _progress(total: int, start: int):
-    if not _is_logger():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="sft", dynamic_ncols=True)
+    return progress_bar(total, "sft", initial=start, unit="step")  # rank 0, on a terminal
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""SFT data: jsonl rows -> tokenised samples -> fixed-length packed rows -> micro-batches.
+"""SFT data: dataset rows (jsonl / parquet / HF dir) -> tokenised samples -> fixed-length packed rows -> micro-batches.
 
 Legend: S = --seq-length (tokens per packed row), B = micro-batch rows.
 
@@ -15,21 +15,21 @@ import random
 import torch
 
 from megatron_rl.data.chat import build_sft_sample
-from megatron_rl.data.jsonl import load_jsonl_with_lines
+from megatron_rl.data.loader import RowKeys, load_rows
 from megatron_rl.data.packing import pack_samples, packed_attention_mask
 
 
-def load_sft_samples(path: str, tokenizer, max_len: int, *, require_label: bool = True
-                     ) -> list[dict]:
-    """Tokenise every row of an SFT jsonl (``{"prompt", "solution", "label"}`` or
-    ``{"messages": [...]}``). Every row is validated before anything is trained or written.
+def load_sft_samples(path: str, tokenizer, max_len: int, *, require_label: bool = True,
+                     keys: RowKeys | None = None) -> list[dict]:
+    """Tokenise every row of an SFT dataset (jsonl / parquet / HF dir, ``data.loader.load_rows``;
+    rows ``{"prompt", "solution", "label"}`` or ``{"messages": [...]}`` after the ``keys``
+    mapping). Every row is validated before anything is trained or written.
 
-    Raises DatasetError naming ``path:line``: malformed JSON, missing label (unless
+    Raises DatasetError naming ``path:line`` (``path: row i``): malformed JSON, missing label (unless
     ``require_label=False``), no assistant target, or more than ``max_len`` tokens."""
     out = []
-    for line, row in load_jsonl_with_lines(path, require_label=require_label,
-                                           require_solution=False):
-        out.append(build_sft_sample(tokenizer, row, max_len, path=path, line=line))
+    for where, row in load_rows(path, keys=keys, require_label=require_label, require_solution=False):
+        out.append(build_sft_sample(tokenizer, row, max_len, path=where))
     if not out:
         raise ValueError(f"{path}: no samples")
     return out
