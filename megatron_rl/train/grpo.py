@@ -446,6 +446,7 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
     from megatron_rl.train import checkpointing as ckpt
     from megatron_rl.train.logging import MetricsLogger
     from megatron_rl.train.rl_batch import PromptStream
+    from megatron_rl.train.run_config import record_run_config
     from megatron_rl.train.sft import setup
 
     args, cfg = parse_args(argv)
@@ -484,9 +485,10 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
 
         balance = LoadBalance(mode=cfg.lbl_mode, alpha=cfg.lbl_alpha, bias_update_rate=cfg.expert_bias_rate)
         balance.check(tr)  # refuse e.g. a frozen router with the LBL on, before any rollout
-    root = os.path.join(args.out, "checkpoints")
-    state = None if args.no_resume else ckpt.load_checkpoint(root, tr, fallback=args.resume_fallback)
+    root = args.save  # --save (default <out>/checkpoints); resumed from --load (default --save)
+    state = None if args.no_resume else ckpt.load_checkpoint(args.load, tr, fallback=args.resume_fallback)
     step = 0 if state is None else state["step"]
+    record_run_config(args, is_rank0=rank0, resumed_step=None if state is None else step)  # <out>/config.yaml
     log = MetricsLogger(args.out, enabled=rank0, resume_step=step)
     eot = end_of_turn_id(tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -548,7 +550,7 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
                 if args.stop_after_steps and steps_here >= args.stop_after_steps and not last:
                     break  # "killed": no checkpoint beyond the last periodic one
                 if (cfg.save_interval and step % cfg.save_interval == 0) or last:
-                    ckpt.save_checkpoint(root, step, tr, {"rollout": producer.state_dict()})
+                    ckpt.save_checkpoint(root, step, tr, {"rollout": producer.state_dict()}, config=args.run_config)
         finally:
             producer.close()
         if rank0:
