@@ -16,8 +16,8 @@ list flags, extra ``--no-*`` spellings, and the YAML file with typed, key-named 
 YAML format: nested by section (``parallel: {tensor_model_parallel_size: 2}``, as ``--print-config``
 writes it) or flat (``tensor_model_parallel_size: 2``); keys are field names (``-`` is read as
 ``_``). An unknown key, a section this entry point does not have, or a value of the wrong type is an
-error naming the key and the file. Precedence: field default < file < command line (a list flag
-given on the command line replaces the file's list).
+error naming the key and the file. Precedence: field default < files (``--config`` is repeatable,
+in order) < command line (a list flag given on the command line replaces the file's list).
 
 Saved copies: ``<out>/config.yaml`` (``record_run_config``) and ``config.yaml`` in every checkpoint
 (``checkpointing.save_checkpoint(config=...)``, listed in its MANIFEST.json). A resumed run warns
@@ -71,8 +71,10 @@ def add_section_args(parser, dtype: type) -> None:
         g = dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=meta)
         g.name, g.type = f.name, hints[f.name]
         HfArgumentParser._parse_dataclass_field(group, g)
+        action = next(a for a in group._group_actions if a.dest == f.name)
+        action.option_strings.sort(key=lambda o: "_" in o)  # --megatron-spelling first (usage, errors)
         if "type_fn" in custom:
-            next(a for a in group._group_actions if a.dest == f.name).type = custom["type_fn"]
+            action.type = custom["type_fn"]
         if custom.get("negative_aliases"):
             group.add_argument(*custom["negative_aliases"], dest=f.name, action="store_false",
                                default=f.default, help=f"= --no-{f.name.replace('_', '-')}")
@@ -88,8 +90,9 @@ class ConfigParser(HfArgumentParser):
         super().__init__(list(tree), **kwargs)
         self.tree = tuple(tree)
         g = self.add_argument_group("run configuration file")
-        g.add_argument("--config", default=None, metavar="RUN.yaml",
-                       help="YAML run config (nested by section or flat; keys are field names); flags override it")
+        g.add_argument("--config", action="append", default=None, metavar="RUN.yaml",
+                       help="YAML run config (nested by section or flat; keys are field names); repeatable "
+                            "(a later file overrides an earlier one); flags override the files")
         g.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
 
     def _add_dataclass_arguments(self, dtype):  # HfArgumentParser's hook, with our metadata keys
@@ -200,23 +203,23 @@ def _hint(key: str, known: dict, tree) -> str:
     return ""
 
 
-def _config_path(argv) -> str | None:
+def _config_paths(argv) -> list[str]:
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config", default=None)
+    pre.add_argument("--config", action="append", default=[])
     return pre.parse_known_args(argv)[0].config
 
 
 def parse_config(p: ConfigParser, argv=None) -> argparse.Namespace:
-    """Defaults < ``--config`` file < command line, into one flat namespace (a field per attribute).
+    """Defaults < ``--config`` files (in order) < command line, into one flat namespace (a field per
+    attribute).
 
     Exits through ``p.error`` (status 2) naming the key / file / flag: a bad file, a missing
     required flag (given neither in the file nor on the command line)."""
-    path = _config_path(argv)
     known = tree_fields(p.tree)
     file_values = {}
-    if path is not None:
+    for path in _config_paths(argv):
         try:
-            file_values = load_config_file(path, p.tree)
+            file_values.update(load_config_file(path, p.tree))
         except ValueError as e:
             p.error(str(e))
     repeat = {k for k, (_, f) in known.items() if f.metadata.get("repeatable")}
