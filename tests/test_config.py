@@ -282,3 +282,36 @@ def test_resume_warns_naming_changed_fields(tmp_path):
         record_run_config(old, is_rank0=True, resumed_step=2)  # same config: silent
         record_run_config(new, is_rank0=False, resumed_step=2)  # other ranks: nothing
     assert config_to_yaml(old.run_config) == (out / "config.yaml").read_text()
+
+
+def test_sft_run_saves_config_in_run_dir_and_checkpoint(tiny_hf_dir, tmp_path):
+    """A 2-step SFT run writes <out>/config.yaml and config.yaml in each checkpoint (in its
+    MANIFEST.json); resuming it with another --clip-grad / --train-iters warns naming both fields
+    with their old and new values (a changed --lr cannot resume: Megatron's DistributedOptimizer
+    keys its param groups by lr)."""
+    import json
+
+    from megatron_rl.data.jsonl import write_jsonl_atomic
+    from megatron_rl.data.synthetic import generate
+    from megatron_rl.testing import run_distributed
+
+    from _config_runs import run_sft_warnings
+
+    write_jsonl_atomic(tmp_path / "train.jsonl", generate("id", 40, seed=11))
+    out = tmp_path / "run"
+    argv = ["--hf", tiny_hf_dir, "--train-data", str(tmp_path / "train.jsonl"), "--out", str(out),
+            "--seq-length", "128", "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "2",
+            "--lr-warmup-iters", "0", "--save-interval", "1", "--device", "cpu"]
+    (warned,) = run_distributed(run_sft_warnings, 1, argv)
+    assert warned == []
+    expect = sft.parse_args(argv).run_config
+    assert yaml.safe_load((out / "config.yaml").read_text()) == expect
+    for step in (1, 2):
+        d = out / "checkpoints" / f"iter_{step:07d}"
+        assert yaml.safe_load((d / "config.yaml").read_text()) == expect
+        assert "config.yaml" in json.loads((d / "MANIFEST.json").read_text())["files"]
+    (warned,) = run_distributed(run_sft_warnings, 1, [*argv, "--train-iters", "3", "--clip-grad", "0.5"])
+    assert len(warned) == 1 and "optimizer.clip_grad: 1.0 -> 0.5" in warned[0], warned
+    assert "sft.train_iters: 2 -> 3" in warned[0] and "iter_0000002" in warned[0]
+    assert yaml.safe_load((out / "config.yaml").read_text())["optimizer"]["clip_grad"] == 0.5
+    assert "config.yaml" in json.loads((out / "checkpoints" / "iter_0000003" / "MANIFEST.json").read_text())["files"]
