@@ -315,3 +315,18 @@ def test_sft_run_saves_config_in_run_dir_and_checkpoint(tiny_hf_dir, tmp_path):
     assert "sft.train_iters: 2 -> 3" in warned[0] and "iter_0000002" in warned[0]
     assert yaml.safe_load((out / "config.yaml").read_text())["optimizer"]["clip_grad"] == 0.5
     assert "config.yaml" in json.loads((out / "checkpoints" / "iter_0000003" / "MANIFEST.json").read_text())["files"]
+
+
+def test_readme_reference_is_generated_from_the_tree(tmp_path):
+    from conftest import load_tool
+
+    gen = load_tool("gen_config_docs")
+    assert gen.main(["--check"]) == 0, "README.md is stale: run tools/gen_config_docs.py"
+    text = open(os.path.join(ROOT, "README.md")).read()
+    for d in ALL_SECTIONS:  # every key of the tree, with its help, is in the README once
+        for f in dataclasses.fields(d):
+            assert text.count(f"| `{f.name}` | `--{f.name.replace('_', '-')}`") == 1, f.name
+    stale = tmp_path / "README.md"
+    stale.write_text(text.replace("| `lr` | `--lr` |", "| `lr` | `--learning-rate` |"))
+    assert gen.main(["--check", "--readme", str(stale)]) == 1
+    assert gen.main(["--readme", str(stale)]) == 0 and stale.read_text() == text
