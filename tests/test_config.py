@@ -189,7 +189,7 @@ def test_rl_section_in_an_sft_config_is_refused(tmp_path, capsys):
 
 def test_yaml_number_strings_and_required_from_file(tmp_path, capsys):
     path = tmp_path / "r.yaml"
-    path.write_text("lr: 1e-4\n")  # YAML 1.1 reads 1e-4 as a string
+    path.write_text("lr: 1e-4\nsft:\n")  # YAML 1.1 reads 1e-4 as a string; an empty section
     args = sft.parse_args([*REQ, str(tmp_path), "--config", str(path)])
     assert args.lr == 1e-4
     with pytest.raises(SystemExit) as e:

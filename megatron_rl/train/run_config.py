@@ -165,6 +165,8 @@ def load_config_file(path: str, tree) -> dict:
     flat: dict = {}
     for key, value in data.items():
         key = str(key).replace("-", "_")
+        if key in sections and value is None:  # an empty section ("rl:" with nothing under it)
+            continue
         if key in sections and isinstance(value, dict):
             for k, v in value.items():
                 k = str(k).replace("-", "_")
