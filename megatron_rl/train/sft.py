@@ -4,7 +4,8 @@
         --eval-data id=eval_id.jsonl --out RUN_DIR [--tensor-model-parallel-size N ...]
     python -m megatron_rl.train.sft --config run.yaml [flags overriding it] [--print-config]
 
-(flags: the ``config.SFT_TREE`` sections, README "Run configuration"; one process per rank: ``torchrun`` / ``srun``; a single plain process is world size 1).
+(flags: the ``config.SFT_TREE`` sections, README "Run configuration"; one process per rank:
+``torchrun`` / ``srun``; a single plain process is world size 1).
 Pipeline: chat template -> loss on assistant tokens only -> packed rows (no cross-document
 attention) -> Megatron pipeline schedule + DistributedOptimizer -> LR warmup/decay, grad clip ->
 metrics.jsonl + TensorBoard -> dist_checkpointing save / resume from the latest checkpoint ->
