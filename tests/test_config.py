@@ -330,3 +330,12 @@ def test_readme_reference_is_generated_from_the_tree(tmp_path):
     stale.write_text(text.replace("| `lr` | `--lr` |", "| `lr` | `--learning-rate` |"))
     assert gen.main(["--check", "--readme", str(stale)]) == 1
     assert gen.main(["--readme", str(stale)]) == 0 and stale.read_text() == text
+
+
+@pytest.mark.parametrize("parse", [sft.parse_args, grpo_args.parse_args], ids=["sft", "grpo"])
+def test_help_lists_megatron_spelling_first(parse, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--tensor-model-parallel-size TENSOR_MODEL_PARALLEL_SIZE, --tp" in out and "--config RUN.yaml" in out
