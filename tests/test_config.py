@@ -268,20 +268,23 @@ def test_resume_warns_naming_changed_fields(tmp_path):
     ckpt = out / "checkpoints" / "iter_0000002"
     ckpt.mkdir(parents=True)
     write_config_yaml(str(ckpt / "config.yaml"), old.run_config)
+    (out / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("2")
     new, _ = grpo_args.parse_args([*REQ, str(out), "--lr", "2e-4", "--num-steps", "4", "--stop-after-steps", "1"])
     with pytest.warns(ConfigChangedWarning) as rec:
-        record_run_config(new, is_rank0=True, resumed_step=2)
-    msg = str(rec[0].message)
+        record_run_config(new, is_rank0=True)
+    (msg,) = [str(w.message) for w in rec if w.category is ConfigChangedWarning]
     assert "optimizer.lr: 0.0001 -> 0.0002" in msg and "optimizer.min_lr: 1e-05 -> 2e-05" in msg
     assert "2 field(s)" in msg and "stop_after_steps" not in msg and str(ckpt / "config.yaml") in msg
     assert yaml.safe_load((out / "config.yaml").read_text()) == new.run_config
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        record_run_config(old, is_rank0=True, resumed_step=2)  # same config: silent
-        record_run_config(new, is_rank0=False, resumed_step=2)  # other ranks: nothing
-    assert config_to_yaml(old.run_config) == (out / "config.yaml").read_text()
+        warnings.simplefilter("error", ConfigChangedWarning)
+        record_run_config(old, is_rank0=True)  # same config: silent
+        record_run_config(new, is_rank0=False)  # other ranks: nothing
+        no_resume, _ = grpo_args.parse_args([*REQ, str(out), "--lr", "2e-4", "--no-resume"])
+        record_run_config(no_resume, is_rank0=True)  # --no-resume: nothing is resumed, nothing compared
+    assert config_to_yaml(no_resume.run_config) == (out / "config.yaml").read_text()
 
 
 def test_sft_run_saves_config_in_run_dir_and_checkpoint(tiny_hf_dir, tmp_path):

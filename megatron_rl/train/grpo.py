@@ -486,9 +486,9 @@ def main(argv=None, *, verifier: Verifier = synthetic_verifier) -> dict:
         balance = LoadBalance(mode=cfg.lbl_mode, alpha=cfg.lbl_alpha, bias_update_rate=cfg.expert_bias_rate)
         balance.check(tr)  # refuse e.g. a frozen router with the LBL on, before any rollout
     root = args.save  # --save (default <out>/checkpoints); resumed from --load (default --save)
+    record_run_config(args, is_rank0=rank0)  # <out>/config.yaml; warns on fields changed since --load's
     state = None if args.no_resume else ckpt.load_checkpoint(args.load, tr, fallback=args.resume_fallback)
     step = 0 if state is None else state["step"]
-    record_run_config(args, is_rank0=rank0, resumed_step=None if state is None else step)  # <out>/config.yaml
     log = MetricsLogger(args.out, enabled=rank0, resume_step=step)
     eot = end_of_turn_id(tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -302,15 +302,28 @@ def warn_config_changes(old: dict, new: dict, source: str) -> list[tuple[str, ob
     return changes
 
 
-def record_run_config(args: argparse.Namespace, *, is_rank0: bool, resumed_step: int | None) -> None:
-    """Rank 0: warn about fields changed since the resumed checkpoint (its ``config.yaml``, when it
-    has one) and write the resolved config to ``<out>/config.yaml``. Other ranks: nothing."""
+def record_run_config(args: argparse.Namespace, *, is_rank0: bool) -> None:
+    """Rank 0, before the checkpoint is loaded: unless ``--no-resume``, warn about every field that
+    differs from the config of the checkpoint ``--load`` points to (its ``config.yaml``, when it has
+    one), then write the resolved config to ``<out>/config.yaml``. Other ranks: nothing.
+
+    Before the load, so the warning is printed even when the load itself then fails (Megatron's
+    DistributedOptimizer cannot load its state under a different ``--lr``). Raises ValueError for
+    a corrupt checkpoint pointer (as ``load_checkpoint`` would)."""
     if not is_rank0:
         return
-    if resumed_step is not None:
-        saved = os.path.join(args.load, f"iter_{resumed_step:07d}", CONFIG_FILE)
-        if os.path.isfile(saved):
-            with open(saved) as fh:
-                warn_config_changes(yaml.safe_load(fh) or {}, args.run_config, saved)
+    if not args.no_resume:
+        from megatron_rl.train.checkpointing import latest_step
+
+        step = latest_step(args.load)
+        saved = None if step is None else os.path.join(args.load, f"iter_{step:07d}", CONFIG_FILE)
+        if saved is not None and os.path.isfile(saved):
+            try:
+                with open(saved) as fh:
+                    old = yaml.safe_load(fh) or {}
+            except (OSError, yaml.YAMLError) as e:  # a damaged checkpoint: the load reports it
+                warnings.warn(f"{saved}: unreadable ({e}); config not compared", ConfigChangedWarning, stacklevel=2)
+            else:
+                warn_config_changes(old, args.run_config, saved)
     os.makedirs(args.out, exist_ok=True)
     write_config_yaml(os.path.join(args.out, CONFIG_FILE), args.run_config)

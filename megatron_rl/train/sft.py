@@ -149,12 +149,12 @@ def main(argv=None) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stream = PackedRowStream(samples, args.seq_length, args.seed, pad_id)
     ckpt_root = args.save
+    record_run_config(args, is_rank0=_is_logger())  # <out>/config.yaml; warns on fields changed since --load's
     state = None if args.no_resume else ckpt.load_checkpoint(args.load, tr, fallback=args.resume_fallback)
     step = 0
     if state is not None:
         step = state["step"]
         stream.load_state_dict(state["data"])
-    record_run_config(args, is_rank0=_is_logger(), resumed_step=None if state is None else step)
     log = MetricsLogger(args.out, enabled=_is_logger(), resume_step=step)
     eval_splits = dict(spec.split("=", 1) for spec in args.eval_data)
 
