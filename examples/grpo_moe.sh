@@ -26,7 +26,8 @@
 # A stage whose output exists is skipped; an interrupted SFT or GRPO resumes from its checkpoints
 # in $RUN, so resubmitting the same command continues the run.
 # --smoke (first argument): the same pipeline, shortened (SFT 40 steps, GRPO 3 steps, tiny evals).
-# Flags after it go to the GRPO stage (last one wins), e.g. --num-steps 50.
+# Flags after it go to the GRPO stage (last one wins), e.g. --num-steps 50; the stage's settings are
+# examples/grpo_demo.yaml (another --config FILE after it overrides it key by key).
 #
 # GPU cluster (SGLang engines + Transformer Engine), a converted Qwen3-30B-A3B (not runnable here):
 #   HF=/ckpt/Qwen3-30B-A3B-sft RL_TRAIN=/data/rl.jsonl EVAL_DIR=/data/eval \
@@ -94,9 +95,7 @@ else
 fi
 
 # ---------------------------------------------------------------- 3. GRPO
-GRPO=(--rollout-batch-size 8 --n-samples-per-prompt 8 --max-new-tokens 96 --temperature 1.0
-      --lr 1e-4 --lr-decay-style constant --lr-warmup-steps 0 --micro-batch-size 8 --num-steps 100
-      --eval-interval 50 --eval-n-samples 4 --eval-max-prompts 64 --save-interval 10)
+GRPO=(--config "$ROOT/examples/grpo_demo.yaml")  # the stage's settings; flags below override them
 [ "$SMOKE" = 1 ] && GRPO+=(--rollout-batch-size 4 --n-samples-per-prompt 4 --max-new-tokens 64
                            --micro-batch-size 8 --num-steps 3 --eval-interval 0 --eval-n-samples 2
                            --eval-max-prompts 8 --save-interval 2)

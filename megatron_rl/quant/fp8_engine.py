@@ -171,16 +171,6 @@ def write_fp8_hf_dir(src: str, dst: str, block=(128, 128)) -> str:
     return dst
 
 
-def add_rollout_fp8_args(group) -> None:
-    """The RL trainer's FP8 rollout / QAT flags (``train.grpo``)."""
-    group.add_argument("--rollout-fp8", default="off", choices=["off", "block128"],
-                       help="FP8 rollouts: quantise Linear weights to e4m3 + fp32 scale per 128x128 block at "
-                            "every weight sync; engines start from an FP8 copy of --hf (quant.fp8)")
-    group.add_argument("--fp8-qat", action="store_true",
-                       help="FP8 quantisation-aware RL: ModelOpt blockwise-e4m3 fake-quant of the Linear / expert "
-                            "weights (straight-through gradients), the engine's FP8 numerics (quant.qat)")
-
-
 def rollout_model_path(hf_dir: str, out_dir: str, rollout_fp8: str) -> str:
     """What the engines load: ``hf_dir``, or with ``rollout_fp8 == "block128"`` an FP8 copy of it
     written to ``<out_dir>/rollout_fp8_hf`` (so SGLang builds FP8 block layers)."""

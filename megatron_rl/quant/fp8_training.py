@@ -1,6 +1,6 @@
 """FP8 training flags with Megatron's own names, resolved into TransformerConfig fields.
 
-Flags (``add_fp8_args``; spelled as in ``megatron.training.arguments``):
+Flags (``config.FP8Args``, added by ``add_fp8_args``; spelled as in ``megatron.training.arguments``):
     --transformer-impl transformer_engine|local   (default: transformer_engine where TE imports and
                                                     the device is CUDA, else local: what we did before)
     --fp8-format e4m3|hybrid                      (TransformerConfig.fp8; default off)
@@ -23,25 +23,17 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-FP8_FORMATS = ("e4m3", "hybrid")
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
-TRANSFORMER_IMPLS = ("transformer_engine", "local")
+from megatron_rl.config import FP8_FORMATS, FP8_RECIPES, TRANSFORMER_IMPLS  # noqa: F401 - re-exported
 _PAD = {"blockwise": 128, "mxfp8": 32, "delayed": 16, "tensorwise": 16}
 
 
 def add_fp8_args(p: argparse.ArgumentParser) -> None:
-    """Add the FP8 / Transformer Engine flags (Megatron's spellings) to ``p``."""
-    g = p.add_argument_group("fp8 / transformer engine")
-    g.add_argument("--transformer-impl", default=None, choices=TRANSFORMER_IMPLS,
-                   help="layer spec (default: transformer_engine when TE imports on CUDA, else local)")
-    g.add_argument("--fp8-format", default=None, choices=FP8_FORMATS,
-                   help="FP8 training through Transformer Engine (needs --transformer-impl transformer_engine)")
-    g.add_argument("--fp8-recipe", default="delayed", choices=FP8_RECIPES)
-    g.add_argument("--moe-grouped-gemm", action="store_true", help="TE grouped-GEMM experts")
-    g.add_argument("--first-last-layers-bf16", action="store_true",
-                   help="keep the first/last layers in bf16 under FP8")
-    g.add_argument("--num-layers-at-start-in-bf16", type=int, default=1)
-    g.add_argument("--num-layers-at-end-in-bf16", type=int, default=1)
+    """Add the FP8 / Transformer Engine flags (Megatron's spellings) to ``p``: the ``fp8`` section
+    of the run config tree (``megatron_rl.config.FP8Args``, where they are declared)."""
+    from megatron_rl.config import FP8Args
+    from megatron_rl.train.run_config import add_section_args
+
+    add_section_args(p, FP8Args)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -223,19 +223,6 @@ def multiturn_stats(samples) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- CLI (train.grpo)
-def add_multiturn_args(p) -> None:
-    """--env, --max-turns, --max-tokens-per-turn, --eval-without-env on argparse parser ``p``."""
-    m = p.add_argument_group("multi-turn (rollout.multiturn)")
-    m.add_argument("--env", default=None,
-                   help="multi-turn rollouts against an environment: 'calc' (the calculator tool of the "
-                        "synthetic task) or 'package.module:factory' (rollout.env.Environment); "
-                        "--max-new-tokens is then the episode's token budget (policy + environment)")
-    m.add_argument("--max-turns", type=int, default=4, help="policy turns per episode (with --env)")
-    m.add_argument("--max-tokens-per-turn", type=int, default=0, help="0: only the episode budget")
-    m.add_argument("--eval-without-env", action="store_true",
-                   help="also evaluate each split single-turn, scored by the verifier (eval/notool_<split>/...)")
-
-
 def check_multiturn_args(p, args, cfg) -> None:
     """Sets ``args.env_obj`` / ``args.multiturn`` (None without --env); ``p.error`` naming the flag
     for bad values, an environment that does not load, or --env with --partial-rollout."""

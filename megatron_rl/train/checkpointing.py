@@ -1,11 +1,12 @@
 """Save/resume of a whole training run with Megatron ``dist_checkpointing`` (torch_dist).
 
-Layout under ``<run>/checkpoints/``::
+Layout under ``--save`` (default ``<run>/checkpoints/``)::
 
     iter_0000100/            dist_checkpointing dir: model + optimizer (sharded), common state
     iter_0000100/rng/rank<r>.pt   per-rank RNG states (CPU, CUDA if present, Megatron tracker)
     latest_checkpointed_iteration.txt   written last, atomically: the resume pointer
 
+    iter_0000100/config.yaml      the run's resolved config (``train.run_config``)
     iter_0000100/MANIFEST.json    every file's size + CRC-32, written last (``ckpt_integrity``)
 
 A checkpoint is first written to ``iter_XXXXXXX.tmp`` by all ranks, gets its manifest, and is
@@ -111,10 +112,12 @@ def _on_rank0(fn) -> None:
         raise RuntimeError(f"rank 0: {box[0]}")
 
 
-def save_checkpoint(ckpt_root: str, step: int, tr, extra: dict) -> str:
+def save_checkpoint(ckpt_root: str, step: int, tr, extra: dict, *, config: dict | None = None) -> str:
     """Save model, optimizer, scheduler, RNG and ``extra`` (JSON-able: data cursor, ...) at
-    ``step``, then its ``MANIFEST.json`` (sizes + CRC-32, ``ckpt_integrity``), then rename it into
-    place and move the pointer. Collective: every rank must call it. Returns the final directory.
+    ``step``, the run's resolved ``config`` (``train.run_config``) as ``config.yaml`` when given,
+    then its ``MANIFEST.json`` (sizes + CRC-32, ``ckpt_integrity``; it lists config.yaml too), then
+    rename it into place and move the pointer. Collective: every rank must call it. Returns the
+    final directory.
 
     Raises ``CheckpointSaveError`` naming the path and the cause ("no space left on device" when
     the file system is full, checked up front against the previous checkpoint's size and again
@@ -151,6 +154,10 @@ def save_checkpoint(ckpt_root: str, step: int, tr, extra: dict) -> str:
             dist_checkpointing.save(sd, tmp)
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank}.pt"))
+        if config is not None and rank == 0:  # what a resumed run compares its config with
+            from megatron_rl.train.run_config import CONFIG_FILE, write_config_yaml
+
+            write_config_yaml(os.path.join(tmp, CONFIG_FILE), config)
         torch.distributed.barrier()
         write_manifest(tmp)  # last file of the checkpoint, by atomic rename
         torch.distributed.barrier()

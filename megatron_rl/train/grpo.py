@@ -448,6 +448,7 @@ def main(argv=None, *, verifier: Verifier | None = None) -> dict:
     from megatron_rl.train import checkpointing as ckpt
     from megatron_rl.train.logging import MetricsLogger, WandbOptions, console, format_step_line
     from megatron_rl.train.rl_batch import PromptStream
+    from megatron_rl.train.run_config import record_run_config
     from megatron_rl.train.sft import setup
 
     args, cfg = parse_args(argv)
@@ -488,8 +489,9 @@ def main(argv=None, *, verifier: Verifier | None = None) -> dict:
 
         balance = LoadBalance(mode=cfg.lbl_mode, alpha=cfg.lbl_alpha, bias_update_rate=cfg.expert_bias_rate)
         balance.check(tr)  # refuse e.g. a frozen router with the LBL on, before any rollout
-    root = os.path.join(args.out, "checkpoints")
-    state = None if args.no_resume else ckpt.load_checkpoint(root, tr, fallback=args.resume_fallback)
+    root = args.save  # --save (default <out>/checkpoints); resumed from --load (default --save)
+    record_run_config(args, is_rank0=rank0)  # <out>/config.yaml; warns on fields changed since --load's
+    state = None if args.no_resume else ckpt.load_checkpoint(args.load, tr, fallback=args.resume_fallback)
     step = 0 if state is None else state["step"]
     log = MetricsLogger(args.out, enabled=rank0, resume_step=step, wandb=WandbOptions.from_args(args),
                         config=vars(args) | {"rl": vars(cfg)})
@@ -556,7 +558,7 @@ def main(argv=None, *, verifier: Verifier | None = None) -> dict:
                 if args.stop_after_steps and steps_here >= args.stop_after_steps and not last:
                     break  # "killed": no checkpoint beyond the last periodic one
                 if (cfg.save_interval and step % cfg.save_interval == 0) or last:
-                    ckpt.save_checkpoint(root, step, tr, {"rollout": producer.state_dict()})
+                    ckpt.save_checkpoint(root, step, tr, {"rollout": producer.state_dict()}, config=args.run_config)
         finally:
             producer.close()
         if rank0:

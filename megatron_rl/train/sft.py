@@ -1,9 +1,11 @@
 """Supervised fine-tuning of a Megatron-Core MoE model from an HF checkpoint.
 
     python -m megatron_rl.train.sft --hf MODEL_DIR --train-data train.jsonl \
-        --eval-data id=eval_id.jsonl --out RUN_DIR [--tp N --pp N --ep N ...]
+        --eval-data id=eval_id.jsonl --out RUN_DIR [--tensor-model-parallel-size N ...]
+    python -m megatron_rl.train.sft --config run.yaml [flags overriding it] [--print-config]
 
-(one process per rank: ``torchrun`` / ``srun``; a single plain process is world size 1).
+(flags: the ``config.SFT_TREE`` sections, README "Run configuration"; one process per rank:
+``torchrun`` / ``srun``; a single plain process is world size 1).
 Pipeline: chat template -> loss on assistant tokens only -> packed rows (no cross-document
 attention) -> Megatron pipeline schedule + DistributedOptimizer -> LR warmup/decay, grad clip ->
 metrics.jsonl + TensorBoard -> dist_checkpointing save / resume from the latest checkpoint ->
@@ -14,52 +16,26 @@ Left out: virtual pipeline stages, context parallelism for long sequences, FP8 (
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 
 from megatron_rl.train import checkpointing as ckpt
 from megatron_rl.train.engine import OptimConfig, Trainer, build_trainer, train_step
-from megatron_rl.train.cli_extras import add_data_logging_args
 from megatron_rl.train.logging import MetricsLogger, WandbOptions, progress_bar
+from megatron_rl.train.run_config import record_run_config
 from megatron_rl.train.sft_data import PackedRowStream, dp_microbatches, load_sft_samples
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by the SFT and RL entry points (Megatron's spellings)."""
-    g = p.add_argument_group("model / parallelism")
-    g.add_argument("--hf", required=True, help="HF checkpoint dir (config, tokenizer, weights)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    for name in ("tp", "pp", "ep", "cp"):
-        g.add_argument(f"--{name}", type=int, default=1)
-    g.add_argument("--etp", type=int, default=None, help="expert TP (default: = --tp)")
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--moe-token-dispatcher-type", default="alltoall",
-                   choices=["alltoall", "allgather"])
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
-    g.add_argument("--moe-z-loss-coeff", type=float, default=None)
-    g.add_argument("--bf16", action="store_true", help="bf16 params (GPU); CPU default fp32")
-    g.add_argument("--recompute", default="none", choices=["none", "full"])
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--lr", type=float, default=1e-3)
-    o.add_argument("--min-lr", type=float, default=None,
-                   help="floor of the decay (default: 0.1 x --lr); must be <= --lr")
-    o.add_argument("--lr-warmup-steps", type=int, default=10)
-    o.add_argument("--lr-decay-style", default="cosine")
-    o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument("--clip-grad", type=float, default=1.0)
-    o.add_argument("--no-distributed-optimizer", action="store_true")
-    o.add_argument("--seed", type=int, default=1234)
-    r = p.add_argument_group("run")
-    r.add_argument("--out", required=True, help="run directory")
-    r.add_argument("--save-interval", type=int, default=0, help="0: only at the end")
-    r.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
-    r.add_argument("--resume-fallback", action="store_true",
-                   help="if the latest checkpoint fails its manifest check, resume from the newest intact one")
-    from megatron_rl.quant.fp8_training import add_fp8_args
-
-    add_fp8_args(p)  # --transformer-impl, --fp8-format, --fp8-recipe, ... (Megatron's names)
+def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks shared by the SFT and RL entry points: ``check_optim_args`` and the recompute flags
+    (only Megatron's full / uniform / 1-layer recompute is implemented, ``models.base``)."""
+    check_optim_args(p, args)
+    if args.recompute_method not in (None, "uniform") or args.recompute_num_layers not in (None, 1):
+        p.error(f"--recompute-method {args.recompute_method} --recompute-num-layers {args.recompute_num_layers}: "
+                "only uniform with 1 layer per chunk is implemented")
+    if args.recompute_granularity is None and (args.recompute_method or args.recompute_num_layers):
+        p.error("--recompute-method / --recompute-num-layers need --recompute-granularity full")
 
 
 def check_optim_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -76,32 +52,29 @@ def check_optim_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
         p.error(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]")
 
 
+def build_parser():
+    """The ``python -m megatron_rl.train.sft`` parser: the sections of ``config.SFT_TREE`` plus
+    ``--config`` / ``--print-config`` (``train.run_config``)."""
+    from megatron_rl.config import SFT_TREE
+    from megatron_rl.train.run_config import ConfigParser
+
+    return ConfigParser(SFT_TREE, description=__doc__.split("\n")[0])
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(p)
-    add_data_logging_args(p)  # --input-key/--label-key/--solution-key, --verifier, --wandb-*
-    d = p.add_argument_group("data")
-    d.add_argument("--train-data", required=True)
-    d.add_argument("--eval-data", action="append", default=[],
-                   help="NAME=PATH, repeatable; evaluated by greedy generation + verifier")
-    d.add_argument("--no-require-label", action="store_true",
-                   help="accept training rows without a 'label' (plain chat SFT data)")
-    d.add_argument("--seq-length", type=int, default=256)
-    d.add_argument("--micro-batch-size", type=int, default=4)
-    d.add_argument("--global-batch-size", type=int, default=16, help="packed rows per step")
-    d.add_argument("--train-steps", type=int, default=100)
-    d.add_argument("--eval-interval", type=int, default=0, help="0: only before and after")
-    d.add_argument("--eval-samples", type=int, default=100, help="per eval split")
-    d.add_argument("--eval-max-new-tokens", type=int, default=96)
-    d.add_argument("--save-hf", default=None,
-                   help="write the final weights as an HF checkpoint to this dir")
-    d.add_argument("--stop-after-steps", type=int, default=0,
-                   help="exit after this many steps in this process (to test resume)")
-    args = p.parse_args(argv)
-    check_optim_args(p, args)
+    """Parse and check the SFT command line (flags / ``--config`` YAML). Returns the flat namespace
+    of every field of ``config.SFT_TREE`` plus ``args.run_config`` (the resolved config) and
+    ``args.save`` / ``args.load`` filled in. Exits with status 2 naming the flag / key on bad
+    input; ``--print-config`` prints the resolved YAML and exits 0."""
+    from megatron_rl.train.run_config import finish_config, parse_config
+
+    p = build_parser()
+    args = parse_config(p, argv)
+    check_common_args(p, args)
     for spec in args.eval_data:
         if "=" not in spec:
             p.error(f"--eval-data expects NAME=PATH, got {spec!r}")
+    finish_config(p, args)
     return args
 
 
@@ -127,24 +100,25 @@ def setup(args, *, tconfig_hook=None) -> tuple[Trainer, object, dict]:
     if getattr(args, "seq_length", None) and args.seq_length % fp8.pad_multiple:
         raise ValueError(f"--seq-length {args.seq_length} must be a multiple of {fp8.pad_multiple}, the token "
                          f"alignment of --fp8-recipe {args.fp8_recipe} (packed rows are GEMM operands)")
-    pc = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, cp=args.cp,
+    pc = ParallelConfig(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                        ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
+                        cp=args.context_parallel_size,
                         sequence_parallel=args.sequence_parallel)
     device = init_parallel(pc, device=args.device, seed=args.seed)
     opts = ModelOptions(
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff,
-        sequence_parallel=args.sequence_parallel, recompute=args.recompute,
+        sequence_parallel=args.sequence_parallel, recompute=args.recompute_granularity or "none",
         use_te=device == "cuda" and fp8.use_te, overrides=fp8.overrides,
     )
-    tconfig = transformer_config_from_hf(hf_config, opts, tp=args.tp, pp=args.pp, ep=args.ep,
-                                         etp=args.etp, cp=args.cp)
+    tconfig = transformer_config_from_hf(hf_config, opts, tp=pc.tp, pp=pc.pp, ep=pc.ep, etp=pc.etp, cp=pc.cp)
     if tconfig_hook is not None:
         tconfig = tconfig_hook(tconfig)
-    optim = OptimConfig(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.lr_warmup_steps,
-                        train_steps=args.train_steps, decay_style=args.lr_decay_style,
+    optim = OptimConfig(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.lr_warmup_iters,
+                        train_steps=args.train_iters, decay_style=args.lr_decay_style,
                         weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-                        use_distributed_optimizer=not args.no_distributed_optimizer)
+                        use_distributed_optimizer=args.use_distributed_optimizer)
     tr = build_trainer(hf_config, tconfig, optim, use_te=opts.use_te)
     load_hf_weights(tr.model, args.hf, hf_config)
     tr.optimizer.reload_model_params()  # main (fp32) params follow the loaded weights
@@ -177,8 +151,9 @@ def main(argv=None) -> None:
                                require_label=not args.no_require_label, keys=keys)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stream = PackedRowStream(samples, args.seq_length, args.seed, pad_id)
-    ckpt_root = os.path.join(args.out, "checkpoints")
-    state = None if args.no_resume else ckpt.load_checkpoint(ckpt_root, tr, fallback=args.resume_fallback)
+    ckpt_root = args.save
+    record_run_config(args, is_rank0=_is_logger())  # <out>/config.yaml; warns on fields changed since --load's
+    state = None if args.no_resume else ckpt.load_checkpoint(args.load, tr, fallback=args.resume_fallback)
     step = 0
     if state is not None:
         step = state["step"]
@@ -196,9 +171,9 @@ def main(argv=None) -> None:
     if step == 0:
         run_eval()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    bar = _progress(args.train_steps, step)
+    bar = _progress(args.train_iters, step)
     steps_here = 0
-    while step < args.train_steps:
+    while step < args.train_iters:
         t0 = time.perf_counter()
         rows = [stream.next_row() for _ in range(args.global_batch_size)]
         metrics = train_step(tr, dp_microbatches(rows, dp_rank, dp, args.micro_batch_size))
@@ -212,16 +187,16 @@ def main(argv=None) -> None:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
-        last = step == args.train_steps
+        last = step == args.train_iters
         if (args.save_interval and step % args.save_interval == 0) or last:
-            ckpt.save_checkpoint(ckpt_root, step, tr, {"data": stream.state_dict()})
+            ckpt.save_checkpoint(ckpt_root, step, tr, {"data": stream.state_dict()}, config=args.run_config)
         if (args.eval_interval and step % args.eval_interval == 0) or last:
             run_eval()
         if args.stop_after_steps and steps_here >= args.stop_after_steps:
             break
     if bar is not None:
         bar.close()
-    if step == args.train_steps and args.save_hf:
+    if step == args.train_iters and args.save_hf:
         from megatron_rl.train.evaluate import save_hf_checkpoint
 
         save_hf_checkpoint(tr, args.hf, hf_config, args.save_hf)
