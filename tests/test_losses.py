@@ -15,8 +15,7 @@ from megatron_rl.losses import (AGG_MODES, PolicyLossSettings, entropy_from_logi
                                 gae_advantages, grpo_advantages, kl_estimate, kl_loss,
                                 kl_penalty_rewards, mismatch_correction, policy_loss,
                                 reinforce_pp_advantages, rl_loss, rloo_advantages, sft_loss,
-                                threshold_switch, to_tokens)
-from megatron_rl.losses.sft import group_pass_rate
+                                to_tokens)
 
 B, T, TMAX = 8, 10, 16
 
@@ -320,13 +319,10 @@ def test_rl_loss_hpt_entropy_kl():
     logp, old, adv, mask = batch(seed=11, spread=0.1)
     g = np.random.default_rng(12)
     ent, ref = g.uniform(0.5, 2.0, size=(B, T)), old + g.normal(0, 0.2, size=(B, T))
-    gid = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
-    demo = torch.tensor([True, False, False, True, False, False, True, False])
-    correct = torch.tensor([False, False, False, False, True, False, False, False])
-    rate = group_pass_rate(correct[~demo], gid[~demo], 3)
-    assert rate.tolist() == [0.0, 0.5, 0.0]
-    use_sft = threshold_switch(0.0)(rate)[gid].numpy()  # groups 0, 2 unsolved
-    sft_rows, rl_rows = demo.numpy() & use_sft, ~demo.numpy() & ~use_sft
+    gid = np.array([0, 0, 0, 1, 1, 1, 2, 2])  # prompt of each row; row 0, 3, 6: its demonstration
+    demo = np.array([True, False, False, True, False, False, True, False])
+    use_sft = np.isin(gid, [0, 2])  # HPT, gamma 0: prompts 0 and 2 have no solved rollout
+    sft_rows, rl_rows = demo & use_sft, ~demo & ~use_sft
     loss_mask = mask & (sft_rows | rl_rows)[:, None]
     sft_mask = mask & sft_rows[:, None]
     n = int(loss_mask.sum())

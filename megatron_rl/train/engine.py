@@ -150,9 +150,8 @@ def train_step(tr: Trainer, microbatches: list[dict], *,
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl.moe.global_lbl import batch_field
-
-    b, s = batch_field(microbatches[0], "tokens").shape
+    first = microbatches[0]
+    b, s = (first["tokens"] if isinstance(first, dict) else first.tokens).shape
     tr.model.zero_grad_buffer()
     tr.optimizer.zero_grad()
     loss_dicts = get_forward_backward_func()(

@@ -28,18 +28,16 @@ from typing import Callable
 
 import torch
 
-from megatron_rl.losses.advantages import group_advantages
 from megatron_rl.losses.mismatch import mismatch_correction
 from megatron_rl.losses.rl_loss import PolicyLossSettings
-from megatron_rl.losses.sft import group_pass_rate, threshold_switch
-from megatron_rl.losses.shaping import overlong_penalty
+from megatron_rl.losses.shaping import shaped_group_advantages
 from megatron_rl.moe.step_routing import MoERouting
 from megatron_rl.quant.fp8_engine import rollout_model_path
 from megatron_rl.rollout.client import SamplingParams
 from megatron_rl.rollout.rewards import Verifier, synthetic_verifier
 from megatron_rl.rollout.weight_sync import WeightSync
 from megatron_rl.train.engine import Trainer, train_step
-from megatron_rl.train.logprobs import apply_logits_temperature, compute_logprobs
+from megatron_rl.train.logprobs import apply_logits_temperature, logprobs_of
 from megatron_rl.train.rl_batch import LossStats, MicroBatch, Sample, local_counts, microbatches, policy_forward_step
 from megatron_rl.train.grpo_args import engine_context_length, parse_args  # noqa: F401 - parse_args re-exported
 from megatron_rl.train.rl_config import RLConfig
@@ -73,13 +71,20 @@ def rl_step(tr: Trainer, cfg: RLConfig, ctx: StepContext, batch: StepBatch, *, s
     Returns: rollout/*, mismatch/*, train/*, moe/*, perf/* metrics (identical on every rank except
         the driver-only perf/*_time_s of the rollout).
     """
-    t_step, samples = time.perf_counter(), batch.samples
-    metrics = dict(batch.metrics) | rollout_stats(samples, cfg.n_samples_per_prompt)
-    # 1. rewards (+ DAPO soft overlong punishment) -> group-wise advantages
-    adv, carries, reward_metrics = rollout_advantages(samples, cfg)
+    t_step, n = time.perf_counter(), cfg.n_samples_per_prompt
+    samples = batch.samples
+    metrics = version_metrics(samples, step, cfg.mini_batches_per_rollout) | batch.metrics
+    metrics |= rollout_stats(samples, n)
+    # 1. rewards (+ DAPO soft overlong punishment) -> group-wise advantages [P, n]
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64).view(-1, n)
+    lengths = torch.tensor([len(s.output_ids) for s in samples]).view(-1, n)
+    adv, carries, reward_metrics = shaped_group_advantages(
+        rewards, lengths, cfg.advantage, max_len=cfg.max_new_tokens, overlong_buffer=cfg.overlong_buffer,
+        overlong_factor=cfg.overlong_penalty)
     metrics |= reward_metrics
     # 2. which samples carry loss: valid reward in a group of >= 2 valid, overlong filtering, HPT
-    train, train_adv = select_training_samples(samples, adv, batch.rows, cfg, ctx, metrics, carries=carries)
+    train, train_adv = select_training_samples(samples, adv.reshape(-1), batch.rows, cfg, ctx, metrics,
+                                               carries=carries.reshape(-1).tolist())
     # 3. this DP rank's share -> k mini-batches of micro-batches (padded rows, or packed)
     minis = shard_minibatches(train, train_adv, cfg, ctx.pad_id, token_multiple=ctx.token_multiple,
                               route_layout=ctx.moe.route_layout)
@@ -106,7 +111,7 @@ def rl_step(tr: Trainer, cfg: RLConfig, ctx: StepContext, batch: StepBatch, *, s
             out = train_step(tr, mini, forward_step=moe_pass.forward_step)
         per_mini.append({k: out[k] for k in ("train/loss", "train/grad_norm", "train/lr")}
                         | stats.reduce() | moe_pass.metrics)
-    metrics |= minibatch_means(per_mini) | version_metrics(samples, step, len(minis))
+    metrics |= minibatch_means(per_mini)
     metrics["perf/train_time_s"] = time.perf_counter() - t0
     # 6. versioned weight sync Megatron -> engines (version = step), once the engines are idle
     ctx.producer.drain()
@@ -116,27 +121,6 @@ def rl_step(tr: Trainer, cfg: RLConfig, ctx: StepContext, batch: StepBatch, *, s
     metrics["perf/step_time_s"] = dt = time.perf_counter() - t_step + metrics.get("perf/produce_time_s", 0.0)
     metrics["perf/tokens_per_s"] = sum(len(s.prompt_ids) + len(s.output_ids) for s in samples) / dt
     return metrics
-
-
-def rollout_advantages(samples: list[Sample], cfg: RLConfig) -> tuple[torch.Tensor, list[bool], dict]:
-    """Rewards (+ DAPO soft overlong punishment, arXiv 2503.14476 eq. 13) -> group-wise
-    advantages (``losses.advantages.group_advantages``, ``cfg.advantage``).
-
-    Returns: (advantages [N] float64, carries: N bools, False for a failed verification (NaN /
-    inf reward: left out of its group's statistics) or a group with < 2 valid rewards, metrics
-    reward/failure_rate, reward/no_loss_groups and the overlong-penalty metrics).
-    """
-    n = cfg.n_samples_per_prompt
-    metrics = {}
-    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
-    if cfg.overlong_buffer:
-        pen, m = overlong_penalty(torch.tensor([len(s.output_ids) for s in samples]), cfg.max_new_tokens,
-                                  cfg.overlong_buffer, cfg.overlong_penalty)
-        rewards, metrics = rewards + pen, metrics | m
-    adv, carries = group_advantages(rewards.view(-1, n), cfg.advantage)
-    metrics["reward/failure_rate"] = float((~torch.isfinite(rewards)).double().mean())
-    metrics["reward/no_loss_groups"] = float((~carries.any(1)).sum())
-    return adv.reshape(-1), carries.reshape(-1).tolist(), metrics
 
 
 def loss_settings(cfg: RLConfig) -> PolicyLossSettings:
@@ -177,9 +161,9 @@ def select_training_samples(samples: list[Sample], adv: torch.Tensor, rows: list
     """Samples that enter the loss and their advantages [N'].
 
     Overlong filtering (DAPO sec. 3.4) drops truncated samples from the loss (their rewards still
-    counted in the group baseline); HPT (``cfg.hpt_gamma``; ``losses.sft.threshold_switch`` on
-    the ``group_pass_rate`` of reward >= 1) replaces the rollouts of each prompt whose pass rate
-    is <= gamma by one demonstration row (SFT loss). Failed verifications (NaN reward) are masked
+    counted in the group baseline); HPT (``cfg.hpt_gamma``; arXiv 2509.04419 sec. 4, eq. 7-8)
+    replaces the rollouts of each prompt whose pass rate (reward >= 1) is <= gamma by one
+    demonstration row (SFT loss: ``losses.rl_loss``). Failed verifications (NaN reward) are masked
     in ``collate``; samples with ``carries[i]`` False (``group_advantages``: non-finite reward,
     or fewer than 2 finite rewards in the group) are dropped. Adds
     rollout/overlong_filtered_frac, hpt/sft_prompt_frac.
@@ -191,17 +175,13 @@ def select_training_samples(samples: list[Sample], adv: torch.Tensor, rows: list
         metrics["rollout/overlong_filtered_frac"] = 1.0 - sum(keep) / len(keep)
     if carries is not None:
         keep = [k and c for k, c in zip(keep, carries)]
-    use_sft = [False] * len(rows)
-    if cfg.hpt_gamma is not None:
-        correct = torch.tensor([s.reward >= 1.0 for s in samples])
-        rate = group_pass_rate(correct, torch.arange(len(samples)) // n, len(rows))
-        use_sft = threshold_switch(cfg.hpt_gamma)(rate).tolist()
     out, out_adv, demos = [], [], []
     for g, row in enumerate(rows):
-        if use_sft[g]:
+        group = range(g * n, (g + 1) * n)
+        rate = sum(samples[i].reward >= 1.0 for i in group) / n
+        if cfg.hpt_gamma is not None and rate <= cfg.hpt_gamma:
             demos.append(ctx.demo(row))
             continue
-        group = range(g * n, (g + 1) * n)
         out += [samples[i] for i in group if keep[i]]
         out_adv += [float(adv[i]) for i in group if keep[i]]
     if cfg.hpt_gamma is not None:
@@ -260,17 +240,6 @@ def dummy_sample(pad_id: int) -> Sample:
     """A sample with no response: a fully masked row (pads the batch to an even DP split)."""
     return Sample(prompt_ids=[pad_id], output_ids=[], rollout_logprobs=[], reward=0.0,
                   finish_reason="pad", weight_version=None)
-
-
-def logprobs_of(model: torch.nn.Module, mb: MicroBatch, route: dict, loss_impl: str) -> torch.Tensor:
-    """[B, S] float32 logprobs of ``mb.labels`` under ``model`` (no grad; ``compute_logprobs``
-    with the micro-batch's packing layout and ``route``'s routing keywords) in the label frame
-    (position S - 1 is 0)."""
-    logp = compute_logprobs(model, mb.tokens, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                            loss_impl=loss_impl, **route)  # [B, S - 1]
-    out = torch.zeros_like(mb.loss_mask, dtype=torch.float32)
-    out[:, :-1] = logp
-    return out
 
 
 def apply_mismatch_correction(mbs: list[MicroBatch], cfg: RLConfig) -> dict:

@@ -151,3 +151,15 @@ def compute_logprobs(tr_or_model, tokens: torch.Tensor, *,
                                     group=ps.get_pipeline_model_parallel_group())
         logp = logp.cpu()
     return logp
+
+
+def logprobs_of(model: torch.nn.Module, mb, route: dict, loss_impl: str) -> torch.Tensor:
+    """[B, S] float32 logprobs of ``mb.labels`` under ``model`` (a Trainer or a model chunk) in the
+    label frame (position S - 1 is 0): ``compute_logprobs`` (no grad, collective as it is) with
+    the layout of ``mb`` (an ``rl_batch.MicroBatch``: tokens, attention_mask, position_ids,
+    loss_mask) and ``route``'s routing keywords (``moe.step_routing.MoERouting`` passes)."""
+    logp = compute_logprobs(model, mb.tokens, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                            loss_impl=loss_impl, **route)  # [B, S - 1]
+    out = torch.zeros_like(mb.loss_mask, dtype=torch.float32)
+    out[:, :-1] = logp
+    return out
