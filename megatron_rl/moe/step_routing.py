@@ -77,7 +77,7 @@ class _RouteMaps:
             valid = self.valid[-1]
             if valid.numel() != routing_map.shape[0]:
                 raise RuntimeError(f"router saw {routing_map.shape[0]} tokens, mask has {valid.numel()}")
-            self.maps[-1][router.layer_number - 1] = routing_map.detach().cpu()[valid]
+            self.maps[-1][router.layer_number - 1] = routing_map.detach()[valid.to(routing_map.device)].cpu()
 
         self._handles = [r.register_forward_hook(hook) for r in _routers(self.model)]
         return self
@@ -188,8 +188,8 @@ class MoERouting:
             if self.balance is None or grad_divisor <= 0:
                 yield TrainPass(forward_step=step)
                 return
-            out = TrainPass(forward_step=step)
-            out.metrics = self.balance.prepare(trainer, mini, **self._recorded_counts(mini, index))
+            counts = self._recorded_counts(mini, index)  # {} -> prepare runs the counting forward
+            out = TrainPass(forward_step=step, metrics=self.balance.prepare(trainer, mini, **counts))
             with self.balance.forward_step(trainer, step, grad_divisor=grad_divisor) as lb_step:
                 out.forward_step = lb_step
                 yield out
