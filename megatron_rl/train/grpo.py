@@ -64,10 +64,9 @@ class StepContext:
 def rl_step(tr: Trainer, cfg: RLConfig, ctx: StepContext, batch: StepBatch, *, step: int) -> dict:
     """One RL step (policy version step-1 -> step) on a produced rollout batch. Collective.
 
-    Args: tr: the trainer; cfg: the run config; ctx: see ``StepContext``; batch: this step's
-        scored rollout (``RolloutProducer.get``: prompts -> engines -> rewards, already done, with
-        dynamic sampling / one-step-off as configured); step: the new policy version, pushed to
-        the engines at the end.
+    Args: tr: the trainer; cfg: the run config; ctx: see ``StepContext``; batch: this step's scored
+        rollout (``RolloutProducer.get``: prompts -> engines -> rewards, with dynamic sampling /
+        one-step-off as configured); step: the new policy version, pushed to the engines.
     Returns: rollout/*, mismatch/*, train/*, moe/*, perf/* metrics (identical on every rank except
         the driver-only perf/*_time_s of the rollout).
     """
