@@ -79,6 +79,30 @@ def test_demo_rows_sft_mask():
     assert collate(samples[2:], adv[2:], 20, pad_id=0).sft_mask is None
 
 
+def test_routes_field_padded_and_packed():
+    """``routes`` [B, S, L, K]: each sample's engine routes at its tokens (the last token has none),
+    the filler 0..K-1 elsewhere, demonstrations (no routes) included; checked position by position."""
+    samples, adv = _samples(5, 50, seed=4, demo=(2,))
+    g = torch.Generator().manual_seed(0)
+    for s in samples:
+        if not s.is_demo:
+            s.routed_experts = torch.randint(0, 8, (len(s.prompt_ids) + len(s.output_ids) - 1, 3, 2), generator=g)
+    lens = [len(s.prompt_ids) + len(s.output_ids) for s in samples]
+    filler = torch.arange(2)
+    padded = collate(samples, adv, max(lens), pad_id=0, route_layout=(3, 2))
+    packed = pack_microbatches(samples, adv, max(lens) + 6, pad_id=0, rows=2, route_layout=(3, 2))
+    places = [(padded, i, i, 0, n) for i, n in enumerate(lens)]
+    places += [(mb, i, r, off, n) for mb in packed for i, r, off, n in mb.sample_index]
+    for mb, i, r, off, n in places:
+        assert mb.routes.shape == (*mb.shape, 3, 2)
+        for t in range(n):
+            want = samples[i].routed_experts[t] if samples[i].routed_experts is not None and t < n - 1 else filler
+            assert torch.equal(mb.routes[r, off + t].long(), want.expand(3, 2).long()), (i, t)
+    assert collate(samples, adv, max(lens), pad_id=0).routes is None  # no layout: no routes
+    copy = packed[0].masked_copy()
+    assert copy.loss_mask.sum() == 0 and torch.equal(copy.routes.long(), filler.expand_as(copy.routes).long())
+
+
 def _entropy64(logits: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits.double(), -1)
     return -(logp.exp() * logp).sum(-1)
