@@ -8,9 +8,10 @@ One process per trainer rank (``torchrun`` / ``srun``). Rank 0 starts the engine
 the only rank that talks HTTP; rollouts and rewards are broadcast to every rank. The loop, top-down:
 ``RolloutProducer.get`` (prompts -> engines, n samples each -> rewards; dynamic sampling; one-step-off
 async) -> ``rl_step``: reward shaping -> advantages -> which samples train (overlong filter, HPT
-demonstrations) -> DP shard, padded or packed micro-batches -> old logprobs (routing replay R3/R2 or
-recorded routes + flip rate; mismatch metrics, TIS / IcePop / sequence mask) -> reference logprobs
-(KL on) -> k mini-batch updates (load balancing per mini-batch) -> versioned weight sync -> metrics;
+demonstrations) -> DP shard, padded or packed ``MicroBatch``es -> old logprobs (routing replay
+R3/R2 or recorded routes + flip rate, router counts kept: ``moe.step_routing.MoERouting``; mismatch
+metrics, TIS / IcePop / sequence mask) -> reference logprobs (KL on) -> k mini-batch updates of
+``losses.rl_loss`` (load balancing per mini-batch) -> versioned weight sync -> metrics;
 then periodic eval and checkpoint (model, optimizer, scheduler, RNG, data cursor, rollout buffer).
 Left out: colocated engines releasing memory during training (the launcher has the calls; the
 loop runs engines and trainer disaggregated), multi-step-off asynchrony, a
