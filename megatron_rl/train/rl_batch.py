@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from megatron_rl.data.packing import first_fit_decreasing, packed_attention_mask
@@ -47,7 +48,7 @@ class Sample:
     weight_version: str | None
     is_demo: bool = False  # HPT: a demonstration (SFT loss on output_ids), not a rollout
     group: int = -1  # prompt index of the sample within its rollout batch (-1: unknown)
-    routed_experts: object = None  # engine routes int [len(prompt + output) - 1, L, K] (R3), or None
+    routed_experts: np.ndarray | torch.Tensor | None = None  # engine routes int [len(prompt + output) - 1, L, K]
     # multi-turn (rollout.multiturn): per output token 1 = policy, 0 = environment (None: all policy)
     loss_mask: list[int] | None = None
     turns: list | None = None  # [start, end) of each policy turn in output_ids
