@@ -26,7 +26,8 @@ engine routes, R2 the routes recorded there) and for the first mini-batch (same 
 one case that still runs ``GlobalLBL.collect_counts``' extra no-grad forward is an LBL gradient
 (mode micro / global) without replay on mini-batches j >= 1, whose weights have moved; router
 metrics alone (LBL off) of those mini-batches describe the routing of the rollout policy.
-Memory: the kept maps are [T_valid, E] bool per layer and micro-batch on CPU.
+Memory: the kept maps are [T_valid, E] bits (``np.packbits``: ceil(E / 8) bytes per valid token)
+per MoE layer and micro-batch, on CPU, until the next old-logprob pass.
 Source: Megatron-Core 0.19.2 ``TopKRouter.forward`` returns ``(probs, routing_map)``; see
 ``routing_replay`` (R3: arXiv 2510.11370) and ``balance`` / ``global_lbl`` (arXiv 2501.11873).
 Left out: MTP routers, context parallelism (as in the modules it drives).
@@ -38,6 +39,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from megatron_rl.moe.balance import LoadBalance
@@ -62,7 +64,7 @@ class _RouteMaps:
 
     def __init__(self, model, config):
         self.model, self.config = model, config
-        self.maps: list[dict[int, torch.Tensor]] = []  # per micro-batch: layer -> [T_valid, E] bool
+        self.maps: list[dict[int, np.ndarray]] = []  # per micro-batch: layer -> [T_valid, ceil(E/8)] uint8 bits
         self.valid: list[torch.Tensor] = []  # per micro-batch: [T] bool validity at forward time
         self._handles: list = []
 
@@ -77,7 +79,8 @@ class _RouteMaps:
             valid = self.valid[-1]
             if valid.numel() != routing_map.shape[0]:
                 raise RuntimeError(f"router saw {routing_map.shape[0]} tokens, mask has {valid.numel()}")
-            self.maps[-1][router.layer_number - 1] = routing_map.detach()[valid.to(routing_map.device)].cpu()
+            kept = routing_map.detach()[valid.to(routing_map.device)].cpu().numpy()  # [T_valid, E] bool
+            self.maps[-1][router.layer_number - 1] = np.packbits(kept, axis=1)
 
         self._handles = [r.register_forward_hook(hook) for r in _routers(self.model)]
         return self
@@ -91,8 +94,9 @@ class _RouteMaps:
         (a subset of its forward-time mask); rows of layers not on this rank stay 0."""
         keep = token_validity(mask, self.config).cpu()[self.valid[index]]
         out = torch.zeros(self.config.num_layers, self.config.num_moe_experts, dtype=torch.float64)
-        for layer, m in self.maps[index].items():
-            out[layer] = m[keep].sum(0).double()
+        e = self.config.num_moe_experts
+        for layer, bits in self.maps[index].items():
+            out[layer] = torch.from_numpy(np.unpackbits(bits[keep.numpy()], axis=1, count=e).sum(0, dtype=np.int64)).double()
         return out
 
 
