@@ -74,12 +74,13 @@ def test_overrides_are_transformer_config_fields(recipe):
 
 
 def test_setup_refuses_fp8_before_building(tiny_hf_dir, tmp_path):
-    from megatron_rl.train.sft import parse_args, setup
+    from megatron_rl.train.setup import setup
+    from megatron_rl.train.sft import parse_args
 
     args = parse_args(["--hf", tiny_hf_dir, "--train-data", "x.jsonl", "--out", str(tmp_path),
                        "--fp8-format", "e4m3", "--device", "cpu"])
     with pytest.raises(ValueError, match="--fp8-format e4m3.*silently train in bf16"):
-        setup(args)
+        setup(args, train_steps=args.train_steps, seq_length=args.seq_length)
 
 
 # ----------------------------------------------------------------------------- TE names
@@ -215,22 +216,22 @@ def test_rl_rows_padded_to_the_fp8_token_multiple(monkeypatch, pack):
     cfg = RLConfig(rollout_batch_size=4, n_samples_per_prompt=2, micro_batch_size=4, pack_rollouts=pack)
     plain = shard_minibatches(samples, adv, cfg, pad_id=0, token_multiple=1)
     fp8 = shard_minibatches(samples, adv, cfg, pad_id=0, token_multiple=fp8_pad_multiple("blockwise"))
-    assert all(mb["tokens"].shape[1] % 128 == 0 for mb in fp8[0])
+    assert all(mb.tokens.shape[1] % 128 == 0 for mb in fp8[0])
     for key in ("loss_mask", "advantages"):  # the same loss tokens and weights, however laid out
-        total = [sum(mb[key].double().sum() for mb in mbs) for mbs in (fp8[0], plain[0])]
+        total = [sum(getattr(mb, key).double().sum() for mb in mbs) for mbs in (fp8[0], plain[0])]
         torch.testing.assert_close(total[0], total[1], rtol=0, atol=1e-9, msg=key)
     if pack:  # a wider row may hold more samples; each sample sits whole where sample_index says
         seen = []
         for mb in fp8[0]:
-            for i, row, off, n in mb["sample_index"]:
+            for i, row, off, n in mb.sample_index:
                 s = samples[i]
-                assert mb["tokens"][row, off: off + n].tolist() == s.prompt_ids + s.output_ids
+                assert mb.tokens[row, off: off + n].tolist() == s.prompt_ids + s.output_ids
                 seen.append(i)
         assert sorted(seen) == list(range(len(samples)))
         return
     assert len(plain[0]) == len(fp8[0])
     for a, b in zip(plain[0], fp8[0]):
-        s_a = a["tokens"].shape[1]
+        s_a = a.tokens.shape[1]
         for key in ("tokens", "loss_mask", "advantages"):
-            assert torch.equal(b[key][:, :s_a], a[key]), key
-        assert not b["loss_mask"][:, s_a:].any() and (b["tokens"][:, s_a:] == 0).all()
+            assert torch.equal(getattr(b, key)[:, :s_a], getattr(a, key)), key
+        assert not b.loss_mask[:, s_a:].any() and (b.tokens[:, s_a:] == 0).all()

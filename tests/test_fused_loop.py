@@ -56,16 +56,16 @@ def _worker(rank: int, world: int, hf_dir: str, layout: dict) -> dict:
         g = torch.Generator().manual_seed(3)
         dev = 0.0
         for mb in mbs:
-            kw = dict(attention_mask=mb["attention_mask"], position_ids=mb["position_ids"])
-            lp_t = compute_logprobs(tr, mb["tokens"], loss_impl="torch", **kw)
-            lp_f = compute_logprobs(tr, mb["tokens"], loss_impl="fused", **kw)
-            m = mb["loss_mask"][:, :-1].bool()
+            kw = dict(attention_mask=mb.attention_mask, position_ids=mb.position_ids)
+            lp_t = compute_logprobs(tr, mb.tokens, loss_impl="torch", **kw)
+            lp_f = compute_logprobs(tr, mb.tokens, loss_impl="fused", **kw)
+            m = mb.loss_mask[:, :-1].bool()
             dev = max(dev, float((lp_t - lp_f)[m].abs().max()))
-            old = torch.zeros_like(mb["loss_mask"])
+            old = torch.zeros_like(mb.loss_mask)
             old[:, :-1] = lp_t
-            mb["old_logprobs"] = old + 0.3 * torch.randn(old.shape, generator=g)
-            mb["is_weights"] = 0.5 + torch.rand(old.shape, generator=g)
-            mb["ref_logprobs"] = old + 0.2 * torch.randn(old.shape, generator=g)
+            mb.old_logprobs = old + 0.3 * torch.randn(old.shape, generator=g)
+            mb.is_weights = 0.5 + torch.rand(old.shape, generator=g)
+            mb.ref_logprobs = old + 0.2 * torch.randn(old.shape, generator=g)
         res[f"{name}_logprob_dev"] = dev
         base = dict(eps_low=0.2, eps_high=0.28, max_response_len=16, entropy_coef=0.01, kl_coef=0.05)
         for agg in ("token-mean", "seq-mean-token-mean"):

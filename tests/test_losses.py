@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_rl.losses import (AGG_MODES, entropy_from_logits, entropy_loss, gae_advantages,
-                                grpo_advantages, hpt_loss, hpt_masks, kl_estimate, kl_loss,
+from megatron_rl.losses import (AGG_MODES, PolicyLossSettings, entropy_from_logits, entropy_loss,
+                                gae_advantages, grpo_advantages, kl_estimate, kl_loss,
                                 kl_penalty_rewards, mismatch_correction, policy_loss,
-                                reinforce_pp_advantages, rloo_advantages, sft_loss,
-                                threshold_switch, to_tokens)
-from megatron_rl.losses.sft import group_pass_rate
+                                reinforce_pp_advantages, rl_loss, rloo_advantages, sft_loss,
+                                to_tokens)
 
 B, T, TMAX = 8, 10, 16
 
@@ -313,22 +312,39 @@ def test_mismatch():
     assert w0 is None and torch.equal(k0, torch.tensor(mask))
 
 
-def test_hpt():
+def test_rl_loss_hpt_entropy_kl():
+    """The trained loss (``rl_loss``) with HPT rows, the entropy bonus and the KL term, against a
+    loop over tokens: SFT NLL on the demonstrations of unsolved prompts, PPO on the rollouts of
+    the others, ``- c_H H + c_KL k3`` on the RL tokens, all over one token count."""
     logp, old, adv, mask = batch(seed=11, spread=0.1)
-    gid = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
-    demo = torch.tensor([True, False, False, True, False, False, True, False])
-    correct = torch.tensor([False, False, False, False, True, False, False, False])
-    rate = group_pass_rate(correct[~demo], gid[~demo], 3)
-    assert rate.tolist() == [0.0, 0.5, 0.0]
-    sft_m, rl_m = hpt_masks(torch.tensor(mask), gid, demo, rate, threshold_switch(0.0))
-    loss, m = hpt_loss(t(logp), t(old), t(adv), sft_m, rl_m, eps_low=0.2, eps_high=0.2)
-    tok, _ = ref_ppo(logp, old, adv, mask, 0.2, 0.2, None, False)
-    total, n = 0.0, 0
-    for b in range(B):  # groups 0, 2 unsolved -> SFT on their demos; group 1 -> RL on rollouts
-        use_sft = gid[b].item() in (0, 2)
+    g = np.random.default_rng(12)
+    ent, ref = g.uniform(0.5, 2.0, size=(B, T)), old + g.normal(0, 0.2, size=(B, T))
+    gid = np.array([0, 0, 0, 1, 1, 1, 2, 2])  # prompt of each row; row 0, 3, 6: its demonstration
+    demo = np.array([True, False, False, True, False, False, True, False])
+    use_sft = np.isin(gid, [0, 2])  # HPT, gamma 0: prompts 0 and 2 have no solved rollout
+    sft_rows, rl_rows = demo & use_sft, ~demo & ~use_sft
+    loss_mask = mask & (sft_rows | rl_rows)[:, None]
+    sft_mask = mask & sft_rows[:, None]
+    n = int(loss_mask.sum())
+    st = PolicyLossSettings(eps_low=0.2, eps_high=0.2, agg="token-mean", max_response_len=TMAX,
+                            entropy_coef=0.01, kl_coef=0.1, kl_kind="k3")
+    loss, m = rl_loss(t(logp), torch.tensor(loss_mask), t(adv), t(old), st, global_num_tokens=n,
+                      global_num_seqs=None, sft_mask=torch.tensor(sft_mask), entropy=t(ent),
+                      ref_logprobs=t(ref))
+    tok, _ = ref_ppo(logp, old, adv, loss_mask & ~sft_mask, 0.2, 0.2, None, False)
+    total, n_rl, kl_sum = 0.0, 0, 0.0
+    for b in range(B):
         for j in range(T):
-            if mask[b, j] and demo[b].item() == use_sft:
-                total += -logp[b, j] if use_sft else tok[b, j]
-                n += 1
+            if sft_mask[b, j]:
+                total += -logp[b, j]
+            elif loss_mask[b, j]:
+                lr = ref[b, j] - logp[b, j]
+                k3 = math.exp(lr) - 1 - lr
+                total += tok[b, j] - 0.01 * ent[b, j] + 0.1 * k3
+                n_rl, kl_sum = n_rl + 1, kl_sum + k3
     assert loss.item() == pytest.approx(total / n, rel=1e-10)
-    assert 0 < m["hpt/sft_token_frac"] < 1
+    assert m["tokens"] == n_rl and m["sft_tokens"] == sft_mask.sum() > 0 and m["all_tokens"] == n
+    assert m["entropy_sum"] == pytest.approx(ent[loss_mask].sum(), rel=1e-12)
+    assert m["kl_sum"] == pytest.approx(kl_sum, rel=1e-10)
+    ratio = np.exp(logp - old)[loss_mask & ~sft_mask]
+    assert m["ratio_dev_max"] == pytest.approx(max(ratio.max() - 1, 1 - ratio.min()), rel=1e-10)

@@ -165,16 +165,16 @@ def test_collate_and_packing_mask_environment_tokens(tok):
         want = torch.zeros(seq)
         for i, m in enumerate(mask):  # label frame: position p - 1 + i scores output_ids[i]
             want[p - 1 + i] = m
-        assert torch.equal(mb["loss_mask"][r], want)
-        assert torch.equal(mb["advantages"][r], want * float(adv[r]))
+        assert torch.equal(mb.loss_mask[r], want)
+        assert torch.equal(mb.advantages[r], want * float(adv[r]))
         for i, m in enumerate(mask):
             if m:
-                assert mb["rollout_logprobs"][r, p - 1 + i] == pytest.approx(s.rollout_logprobs[i])
+                assert mb.rollout_logprobs[r, p - 1 + i] == pytest.approx(s.rollout_logprobs[i])
     assert local_counts(mb) == (sum(sum(s.loss_mask or [1] * len(s.output_ids)) for s in samples), 3)
     packed = pack_microbatches(samples, adv, seq + 8, pad_id=0, rows=1)
     for pmb in packed:
-        for i, r, off, n in pmb["sample_index"]:
-            assert torch.equal(pmb["loss_mask"][r, off: off + n], mb["loss_mask"][i, :n])
+        for i, r, off, n in pmb.sample_index:
+            assert torch.equal(pmb.loss_mask[r, off: off + n], mb.loss_mask[i, :n])
     assert sum(local_counts(p)[0] for p in packed) == local_counts(mb)[0]
     with pytest.raises(ValueError, match="loss_mask has"):
         collate([Sample(prompt_ids=[1], output_ids=[2, 3], rollout_logprobs=[0.0, 0.0], reward=1.0,

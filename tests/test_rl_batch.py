@@ -15,7 +15,7 @@ import torch
 
 from megatron_rl.losses.kl import vocab_parallel_entropy
 from megatron_rl.testing import run_distributed
-from megatron_rl.train.rl_batch import Sample, collate, local_counts, pack_microbatches
+from megatron_rl.train.rl_batch import MicroBatch, Sample, collate, local_counts, pack_microbatches
 
 
 def _samples(n: int, vocab: int, seed: int, demo: tuple[int, ...] = ()) -> tuple[list[Sample], torch.Tensor]:
@@ -32,11 +32,11 @@ def _samples(n: int, vocab: int, seed: int, demo: tuple[int, ...] = ()) -> tuple
     return out, adv
 
 
-def _to_packed(mb_padded: dict, packed: dict, key: str) -> torch.Tensor:
+def _to_packed(mb_padded: MicroBatch, packed: MicroBatch, key: str) -> torch.Tensor:
     """Move a per-token [N, S] tensor of the padded layout (row = input index) into ``packed``."""
-    out = torch.zeros_like(packed["loss_mask"])
-    for i, r, off, n in packed["sample_index"]:
-        out[r, off: off + n] = mb_padded[key][i, :n]
+    out = torch.zeros_like(packed.loss_mask)
+    for i, r, off, n in packed.sample_index:
+        out[r, off: off + n] = getattr(mb_padded, key)[i, :n]
     return out
 
 
@@ -48,25 +48,25 @@ def test_pack_layout_label_frame_and_counts():
     cap = max(lens) + 4
     padded = collate(samples, adv, max(lens), pad_id=0)
     mbs = pack_microbatches(samples, adv, cap, pad_id=0, rows=2)
-    seen = sorted(i for mb in mbs for i, *_ in mb["sample_index"])
+    seen = sorted(i for mb in mbs for i, *_ in mb.sample_index)
     assert seen == list(range(7))
-    assert all(mb["tokens"].shape == (2, cap) for mb in mbs)
+    assert all(mb.tokens.shape == (2, cap) for mb in mbs)
     for mb in mbs:
-        for j, (i, r, off, n) in enumerate(mb["sample_index"]):
-            assert mb["tokens"][r, off: off + n].tolist() == samples[i].prompt_ids + samples[i].output_ids
-            assert mb["position_ids"][r, off: off + n].tolist() == list(range(n))
-            assert (mb["seq_ids"][r, off: off + n] == j).all()
+        for j, (i, r, off, n) in enumerate(mb.sample_index):
+            assert mb.tokens[r, off: off + n].tolist() == samples[i].prompt_ids + samples[i].output_ids
+            assert mb.position_ids[r, off: off + n].tolist() == list(range(n))
+            assert (mb.seq_ids[r, off: off + n] == j).all()
             for key in ("loss_mask", "advantages", "rollout_logprobs"):
-                assert torch.equal(mb[key][r, off: off + n], padded[key][i, :n]), key
-            assert mb["loss_mask"][r, off + n - 1] == 0  # predicts the next sample's first token
+                assert torch.equal(getattr(mb, key)[r, off: off + n], getattr(padded, key)[i, :n]), key
+            assert mb.loss_mask[r, off + n - 1] == 0  # predicts the next sample's first token
             # block-diagonal causal: no attention outside the sample
-            att = ~mb["attention_mask"][r, 0, off: off + n]
+            att = ~mb.attention_mask[r, 0, off: off + n]
             assert att[:, :off].sum() == 0 and att[:, off + n:].sum() == 0
             assert torch.equal(att[:, off: off + n], torch.tril(torch.ones(n, n, dtype=torch.bool)))
     tok = sum(local_counts(mb)[0] for mb in mbs)
     seqs = sum(local_counts(mb)[1] for mb in mbs)
-    assert tok == int(padded["loss_mask"].sum())
-    assert seqs == int((padded["loss_mask"].sum(-1) > 0).sum()) == 6  # sample 3: NaN reward
+    assert tok == int(padded.loss_mask.sum())
+    assert seqs == int((padded.loss_mask.sum(-1) > 0).sum()) == 6  # sample 3: NaN reward
     with pytest.raises(ValueError, match="length"):
         pack_microbatches(samples, adv, max(lens) - 1, pad_id=0)
 
@@ -74,9 +74,33 @@ def test_pack_layout_label_frame_and_counts():
 def test_demo_rows_sft_mask():
     samples, adv = _samples(4, 50, seed=2, demo=(1,))
     mb = collate(samples, adv, 20, pad_id=0)
-    assert torch.equal(mb["sft_mask"][1], mb["loss_mask"][1]) and mb["sft_mask"][1].sum() > 0
-    assert mb["sft_mask"][[0, 2, 3]].sum() == 0 and mb["rollout_logprobs"][1].sum() == 0
-    assert "sft_mask" not in collate(samples[2:], adv[2:], 20, pad_id=0)
+    assert torch.equal(mb.sft_mask[1], mb.loss_mask[1]) and mb.sft_mask[1].sum() > 0
+    assert mb.sft_mask[[0, 2, 3]].sum() == 0 and mb.rollout_logprobs[1].sum() == 0
+    assert collate(samples[2:], adv[2:], 20, pad_id=0).sft_mask is None
+
+
+def test_routes_field_padded_and_packed():
+    """``routes`` [B, S, L, K]: each sample's engine routes at its tokens (the last token has none),
+    the filler 0..K-1 elsewhere, demonstrations (no routes) included; checked position by position."""
+    samples, adv = _samples(5, 50, seed=4, demo=(2,))
+    g = torch.Generator().manual_seed(0)
+    for s in samples:
+        if not s.is_demo:
+            s.routed_experts = torch.randint(0, 8, (len(s.prompt_ids) + len(s.output_ids) - 1, 3, 2), generator=g)
+    lens = [len(s.prompt_ids) + len(s.output_ids) for s in samples]
+    filler = torch.arange(2)
+    padded = collate(samples, adv, max(lens), pad_id=0, route_layout=(3, 2))
+    packed = pack_microbatches(samples, adv, max(lens) + 6, pad_id=0, rows=2, route_layout=(3, 2))
+    places = [(padded, i, i, 0, n) for i, n in enumerate(lens)]
+    places += [(mb, i, r, off, n) for mb in packed for i, r, off, n in mb.sample_index]
+    for mb, i, r, off, n in places:
+        assert mb.routes.shape == (*mb.shape, 3, 2)
+        for t in range(n):
+            want = samples[i].routed_experts[t] if samples[i].routed_experts is not None and t < n - 1 else filler
+            assert torch.equal(mb.routes[r, off + t].long(), want.expand(3, 2).long()), (i, t)
+    assert collate(samples, adv, max(lens), pad_id=0).routes is None  # no layout: no routes
+    copy = packed[0].masked_copy()
+    assert copy.loss_mask.sum() == 0 and torch.equal(copy.routes.long(), filler.expand_as(copy.routes).long())
 
 
 def _entropy64(logits: torch.Tensor) -> torch.Tensor:
@@ -143,7 +167,7 @@ def _fwd_bwd(tr, mbs, settings, forward_only=False):
     n_tok = sum(local_counts(mb)[0] for mb in mbs)
     n_seq = sum(local_counts(mb)[1] for mb in mbs)
     stats = LossStats()
-    b, s = mbs[0]["tokens"].shape
+    b, s = mbs[0].tokens.shape
     tr.model.zero_grad_buffer()
     out = get_forward_backward_func()(
         forward_step_func=policy_forward_step(settings, n_tok, n_seq, stats),
@@ -160,11 +184,11 @@ def _attach_old(tr, mbs, noise: float, seed: int):
 
     g = torch.Generator().manual_seed(seed)
     for mb in mbs:
-        lp = torch.zeros_like(mb["loss_mask"])
-        lp[:, :-1] = compute_logprobs(tr, mb["tokens"], attention_mask=mb["attention_mask"],
-                                      position_ids=mb["position_ids"])
-        mb["logprobs_now"] = lp
-        mb["old_logprobs"] = lp + noise * torch.randn(lp.shape, generator=g)
+        lp = torch.zeros_like(mb.loss_mask)
+        lp[:, :-1] = compute_logprobs(tr, mb.tokens, attention_mask=mb.attention_mask,
+                                      position_ids=mb.position_ids)
+        mb.logprobs_now = lp
+        mb.old_logprobs = lp + noise * torch.randn(lp.shape, generator=g)
 
 
 def _single_worker(rank: int, world: int, hf_dir: str) -> dict:
@@ -180,9 +204,9 @@ def _single_worker(rank: int, world: int, hf_dir: str) -> dict:
     _attach_old(tr, [padded], noise=0.3, seed=0)
     for mb in packed:  # the same old logprobs per sample, moved into the packed layout
         _attach_old(tr, [mb], noise=0.0, seed=0)
-        mb["old_logprobs"] = _to_packed(padded, mb, "old_logprobs")
-    res = {"lp_dev": max(((_to_packed(padded, mb, "logprobs_now") - mb["logprobs_now"])
-                          * mb["loss_mask"]).abs().max().item() for mb in packed)}
+        mb.old_logprobs = _to_packed(padded, mb, "old_logprobs")
+    res = {"lp_dev": max(((_to_packed(padded, mb, "logprobs_now") - mb.logprobs_now)
+                          * mb.loss_mask).abs().max().item() for mb in packed)}
     base = dict(eps_low=0.2, eps_high=0.28, max_response_len=16)
     for agg in ("token-mean", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
         st = PolicyLossSettings(agg=agg, **base)
@@ -193,19 +217,19 @@ def _single_worker(rank: int, world: int, hf_dir: str) -> dict:
                     "clip": (rp["train/clip_frac"], rk["train/clip_frac"]),
                     "ent": (rp["train/entropy"], rk["train/entropy"])}
     # logits path (entropy on) vs labels path: old = current -> ratio exactly 1 either way
-    padded["old_logprobs"] = padded["logprobs_now"]
+    padded.old_logprobs = padded.logprobs_now
     for on in (True, False):
         st = PolicyLossSettings(agg="token-mean", entropy_metric=on, **base)
         res[f"ratio_dev_{on}"] = _fwd_bwd(tr, [padded], st, forward_only=True)[2]["ratio_max_abs_dev"]
     # float64 references from the full logits
     with torch.no_grad():
-        logits = tr.model(padded["tokens"], padded["position_ids"], padded["attention_mask"])
+        logits = tr.model(padded.tokens, padded.position_ids, padded.attention_mask)
     logits = logits.double()[..., :vocab]
-    mask = padded["loss_mask"].bool()
+    mask = padded.loss_mask.bool()
     h64 = _entropy64(logits)
     res["ent_ref"] = float(h64[mask].mean())
-    lp64 = torch.log_softmax(logits, -1).gather(-1, padded["labels"][..., None]).squeeze(-1)
-    res["lp64_dev"] = (lp64 - padded["logprobs_now"].double())[mask].abs().max().item()
+    lp64 = torch.log_softmax(logits, -1).gather(-1, padded.labels[..., None]).squeeze(-1)
+    res["lp64_dev"] = (lp64 - padded.logprobs_now.double())[mask].abs().max().item()
     # entropy bonus, KL, HPT: loss deltas vs float64 formulas
     n = float(mask.sum())
     st0 = PolicyLossSettings(agg="token-mean", **base)
@@ -214,13 +238,13 @@ def _single_worker(rank: int, world: int, hf_dir: str) -> dict:
                      forward_only=True)[0]
     res["ent_bonus"] = (l_ent - l0, -0.05 * float(h64[mask].sum()) / n)
     g = torch.Generator().manual_seed(9)
-    padded["ref_logprobs"] = padded["logprobs_now"] + 0.2 * torch.randn(mask.shape, generator=g)
+    padded.ref_logprobs = padded.logprobs_now + 0.2 * torch.randn(mask.shape, generator=g)
     l_kl, _, r_kl, _ = _fwd_bwd(tr, [padded], PolicyLossSettings(agg="token-mean", kl_coef=0.1,
                                                                  kl_kind="k3", **base), forward_only=True)
-    log_r = padded["ref_logprobs"].double() - lp64
+    log_r = padded.ref_logprobs.double() - lp64
     k3 = (torch.expm1(log_r) - log_r)[mask]
     res["kl"] = (l_kl - l0, 0.1 * float(k3.sum()) / n, r_kl["train/kl"], float(k3.mean()))
-    del padded["ref_logprobs"]
+    padded.ref_logprobs = None
     res["hpt"] = _hpt(tr, vocab, base)
     destroy_parallel()
     return res
@@ -235,10 +259,10 @@ def _hpt(tr, vocab, base) -> dict:
     mb = collate(samples, adv, 18, pad_id=0)
     _attach_old(tr, [mb], noise=0.3, seed=1)
     loss, _, red, n = _fwd_bwd(tr, [mb], PolicyLossSettings(agg="token-mean", **base), forward_only=True)
-    lp = mb["logprobs_now"].double()
-    sft = mb["sft_mask"].bool()
-    rl = mb["loss_mask"].bool() & ~sft
-    ref_rl, _ = policy_loss(lp, mb["old_logprobs"].double(), mb["advantages"].double(), rl,
+    lp = mb.logprobs_now.double()
+    sft = mb.sft_mask.bool()
+    rl = mb.loss_mask.bool() & ~sft
+    ref_rl, _ = policy_loss(lp, mb.old_logprobs.double(), mb.advantages.double(), rl,
                             eps_low=0.2, eps_high=0.28, global_num_tokens=n)
     ref = float(ref_rl) + float(-lp[sft].sum()) / n
     return {"loss": (loss, ref), "frac": (red["train/sft_token_frac"], float(sft.sum()) / n)}
@@ -258,11 +282,11 @@ def _tp2_worker(rank: int, world: int, hf_dir: str) -> dict:
     st = PolicyLossSettings(agg="token-mean", eps_low=0.2, eps_high=0.2, max_response_len=16)
     red = _fwd_bwd(tr, [mb], st, forward_only=True)[2]
     with torch.no_grad():
-        local = tr.model(mb["tokens"], mb["position_ids"], mb["attention_mask"])  # [B, S, V/2]
+        local = tr.model(mb.tokens, mb.position_ids, mb.attention_mask)  # [B, S, V/2]
     parts = [torch.empty_like(local) for _ in range(2)]
     torch.distributed.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
     logits = torch.cat(parts, -1).double()[..., :hf["vocab_size"]]
-    ref = float(_entropy64(logits)[mb["loss_mask"].bool()].mean())
+    ref = float(_entropy64(logits)[mb.loss_mask.bool()].mean())
     destroy_parallel()
     return {"ent": red["train/entropy"], "ref": ref}
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from megatron_rl.losses.shaping import overlong_penalty
+from megatron_rl.losses.shaping import overlong_penalty, shaped_group_advantages
 from megatron_rl.rollout.client import GenerateResult, SamplingParams
 from megatron_rl.rollout.rewards import RewardFailureError
 from megatron_rl.train.rl_batch import PromptStream
@@ -32,6 +32,30 @@ def test_overlong_penalty_matches_dapo_eq13():
     assert m["rollout/overlong_penalized_frac"] == pytest.approx(sum(y > 48 for y in lengths) / len(lengths))
     with pytest.raises(ValueError, match="buffer_len"):
         overlong_penalty(torch.tensor([1]), 64, 64)
+
+
+def test_shaped_group_advantages_by_hand():
+    """rl_step's rewards -> advantages: DAPO's penalty added per sample, then GRPO over each
+    group's finite rewards (Bessel std, eps 1e-6); a NaN reward and a group left with one finite
+    reward carry no loss. Reference: per-group loops."""
+    nan = float("nan")
+    rewards = [[1.0, 0.0, nan, 1.0], [nan, nan, 0.0, nan], [0.0, 0.0, 0.0, 1.0]]
+    lengths = [[10, 60, 5, 70], [1, 2, 3, 4], [55, 20, 64, 1]]
+    adv, carries, m = shaped_group_advantages(torch.tensor(rewards, dtype=torch.float64), torch.tensor(lengths),
+                                              "grpo", max_len=64, overlong_buffer=16, overlong_factor=0.5)
+    for g in range(3):
+        r = [rewards[g][i] + 0.5 * dapo_eq13(lengths[g][i], 64, 16) for i in range(4)]
+        ok = [i for i in range(4) if math.isfinite(r[i])]
+        if len(ok) < 2:
+            ok = []
+        mean = sum(r[i] for i in ok) / max(len(ok), 1)
+        std = math.sqrt(sum((r[i] - mean) ** 2 for i in ok) / max(len(ok) - 1, 1))
+        for i in range(4):
+            assert bool(carries[g, i]) == (i in ok)
+            want = (r[i] - mean) / (std + 1e-6) if i in ok else 0.0
+            assert float(adv[g, i]) == pytest.approx(want, abs=1e-12), (g, i)
+    assert m["reward/failure_rate"] == 4 / 12 and m["reward/no_loss_groups"] == 1.0
+    assert m["rollout/overlong_penalized_frac"] == pytest.approx(4 / 12)  # 60, 70, 55, 64 > 64 - 16
 
 
 @pytest.fixture()

@@ -6,7 +6,8 @@
                  + the global-normaliser loss aggregation shared by every loss
   kl.py          KL (k1/k2/k3) as loss or reward shaping; entropy bonus
   mismatch.py    rollout-vs-trainer mismatch: TIS weights, IcePop / sequence masks
-  sft.py         SFT NLL and HPT (switch SFT <-> RL per prompt)
+  sft.py         SFT NLL (HPT's SFT term)
+  rl_loss.py     the loss the RL loop trains: policy + SFT (HPT) + entropy bonus + KL, one normaliser
 Every function takes tensors and scalars only and returns ``(value, metrics)``.
 """
 
@@ -16,12 +17,13 @@ from megatron_rl.losses.kl import (entropy_from_logits, entropy_loss, kl_estimat
                                    kl_penalty_rewards)
 from megatron_rl.losses.mismatch import mismatch_correction
 from megatron_rl.losses.policy import AGG_MODES, aggregate_loss, masked_mean, policy_loss
-from megatron_rl.losses.sft import (SwitchFn, group_pass_rate, hpt_loss, hpt_masks, sft_loss,
-                                    threshold_switch)
+from megatron_rl.losses.rl_loss import PolicyLossSettings, rl_loss
+from megatron_rl.losses.sft import sft_loss
+from megatron_rl.losses.shaping import overlong_penalty, shaped_group_advantages
 
 __all__ = [
-    "AGG_MODES", "SwitchFn", "aggregate_loss", "entropy_from_logits", "entropy_loss",
-    "gae_advantages", "group_pass_rate", "grpo_advantages", "hpt_loss", "hpt_masks", "kl_estimate",
-    "kl_loss", "kl_penalty_rewards", "masked_mean", "mismatch_correction", "policy_loss",
-    "reinforce_pp_advantages", "rloo_advantages", "sft_loss", "threshold_switch", "to_tokens",
+    "AGG_MODES", "PolicyLossSettings", "aggregate_loss", "entropy_from_logits", "entropy_loss",
+    "gae_advantages", "grpo_advantages", "kl_estimate", "kl_loss", "kl_penalty_rewards",
+    "masked_mean", "mismatch_correction", "overlong_penalty", "policy_loss", "reinforce_pp_advantages",
+    "rl_loss", "rloo_advantages", "sft_loss", "shaped_group_advantages", "to_tokens",
 ]

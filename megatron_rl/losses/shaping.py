@@ -1,11 +1,14 @@
-"""Reward shaping applied before the advantages: DAPO's soft overlong punishment.
+"""Reward shaping applied before the advantages: DAPO's soft overlong punishment; and the RL
+loop's rewards -> advantages step (shaping + ``advantages.group_advantages``).
 
-Legend: N samples; lengths are response tokens.
+Legend: N samples, P prompts x n samples each; lengths are response tokens.
 """
 
 from __future__ import annotations
 
 import torch
+
+from megatron_rl.losses.advantages import group_advantages
 
 
 def overlong_penalty(response_lengths: torch.Tensor, max_len: int, buffer_len: int,
@@ -38,3 +41,32 @@ def overlong_penalty(response_lengths: torch.Tensor, max_len: int, buffer_len: i
     metrics = {"rollout/overlong_penalty_mean": float(pen.mean()) if pen.numel() else 0.0,
                "rollout/overlong_penalized_frac": float((pen < 0).double().mean()) if pen.numel() else 0.0}
     return pen, metrics
+
+
+def shaped_group_advantages(rewards: torch.Tensor, response_lengths: torch.Tensor, estimator: str, *,
+                            max_len: int, overlong_buffer: int = 0,
+                            overlong_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Verifier rewards (+ the soft overlong punishment when ``overlong_buffer`` > 0) ->
+    group-wise advantages (``advantages.group_advantages``: non-finite rewards left out).
+
+    Args:
+        rewards: [P, n] float64 verifier rewards (NaN: the verification failed).
+        response_lengths: [P, n] int generated tokens. estimator: ``RLConfig.advantage``.
+        max_len / overlong_buffer / overlong_factor: L_max, L_cache (0 = off) and the scale of
+            ``overlong_penalty``.
+    Returns:
+        ``(advantages [P, n] float64, carries [P, n] bool, metrics)``: carries is False for a
+        non-finite reward or a group with < 2 finite rewards (advantage 0); metrics
+        ``reward/failure_rate``, ``reward/no_loss_groups`` (groups without a carrying sample)
+        and, with the punishment, ``overlong_penalty``'s.
+    Raises:
+        ValueError: see ``overlong_penalty``.
+    """
+    metrics = {}
+    if overlong_buffer:
+        pen, metrics = overlong_penalty(response_lengths.reshape(-1), max_len, overlong_buffer, overlong_factor)
+        rewards = rewards + pen.view_as(rewards)
+    adv, carries = group_advantages(rewards, estimator)
+    metrics["reward/failure_rate"] = float((~torch.isfinite(rewards)).double().mean())
+    metrics["reward/no_loss_groups"] = float((~carries.any(1)).sum())
+    return adv, carries, metrics

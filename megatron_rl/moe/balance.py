@@ -177,23 +177,25 @@ class LoadBalance:
                           f"rate={cfg.moe_router_bias_update_rate}, padding tokens counted); "
                           "use LoadBalance(bias_update_rate=...) with it set to 0", stacklevel=3)
 
-    def prepare(self, trainer, microbatches: list[dict], *,
-                local_counts: torch.Tensor | None = None) -> dict[str, float]:
+    def prepare(self, trainer, microbatches: list, *, local_counts: torch.Tensor | None = None,
+                mb_counts: torch.Tensor | None = None) -> dict[str, float]:
         """Phase A of the step: exact global routed counts (collective over all ranks).
 
         Args:
             trainer: the ``Trainer``.
             microbatches: this rank's micro-batches of the step, in the order ``train_step``
-                will run them; dicts with tokens / position_ids / attention_mask and
-                ``mask_key`` ([B, S], 1 = valid token).
+                will run them; dicts (or ``rl_batch.MicroBatch``) with tokens / position_ids /
+                attention_mask and ``mask_key`` ([B, S], 1 = valid token).
             local_counts: optional [num_layers, E] counts this rank already has (see
-                ``GlobalLBL.set_local_counts``); skips the extra no-grad forward. Not allowed
-                with mode "micro" (it needs per-micro-batch counts).
+                ``GlobalLBL.set_local_counts``); skips the extra no-grad forward.
+            mb_counts: optional [M_local, num_layers, E] the same per micro-batch; required
+                with local_counts in mode "micro" with alpha > 0.
         Returns:
             ``moe/max_violation``, ``moe/layer{i}/max_violation``, ``moe/layer{i}/min_load``,
             ``moe/layer{i}/load_entropy`` (``router_metrics.router_load_metrics``) of the step.
         Raises:
-            ValueError: see ``check``; local_counts with mode "micro" and alpha > 0.
+            ValueError: see ``check``; local_counts without mb_counts in mode "micro" with
+                alpha > 0.
         """
         self.check(trainer)
         self.lbl = GlobalLBL(alpha=self.alpha if self.lbl_on else 0.0,
@@ -201,10 +203,10 @@ class LoadBalance:
                              mask_key=self.mask_key)
         if local_counts is None:
             return self.lbl.collect_counts(trainer, microbatches)
-        if self.mode == "micro" and self.lbl_on:
+        if self.mode == "micro" and self.lbl_on and mb_counts is None:
             raise ValueError("LoadBalance(mode='micro') needs per-micro-batch counts; "
-                             "call prepare without local_counts")
-        return self.lbl.set_local_counts(trainer, microbatches, local_counts)
+                             "pass mb_counts or call prepare without local_counts")
+        return self.lbl.set_local_counts(trainer, microbatches, local_counts, mb_counts=mb_counts)
 
     @contextlib.contextmanager
     def forward_step(self, trainer, forward_step: Callable,

@@ -115,6 +115,25 @@ class _AttachGrad(torch.autograd.Function):
         return grad, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad.device)
 
 
+def batch_field(batch, name: str):
+    """``batch[name]`` of a dict batch, else the attribute (a typed micro-batch such as
+    ``train.rl_batch.MicroBatch``); Megatron's schedules hand the forward step either."""
+    return batch[name] if isinstance(batch, dict) else getattr(batch, name)
+
+
+def token_validity(mask: torch.Tensor, config) -> torch.Tensor:
+    """[T] bool validity of the tokens this rank's routers see, from a [B, S] 0/1 mask: seq-first
+    flattening of [S_local, B], S_local the TP rank's shard under sequence parallelism."""
+    from megatron.core import parallel_state as ps
+
+    m = mask.bool().t()  # [S, B]
+    if config.sequence_parallel:
+        tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        s = m.shape[0] // tp
+        m = m[r * s:(r + 1) * s]
+    return m.reshape(-1)
+
+
 def _routers(model) -> list:
     from megatron.core.transformer.moe.router import TopKRouter
 
@@ -158,7 +177,7 @@ class GlobalLBL:
 
         def step(data_iterator, model):
             batch = next(data_iterator)
-            self._mask = batch[self.mask_key]
+            self._mask = batch_field(batch, self.mask_key)
             self._mb += 1
             return forward_step(iter([batch]), model)
 
@@ -166,16 +185,9 @@ class GlobalLBL:
 
     def _valid(self, n_local: int, config) -> torch.Tensor:
         """[T] bool validity of this rank's router tokens (seq-first; SP shard of the rows)."""
-        from megatron.core import parallel_state as ps
-
         if self._mask is None:
             raise RuntimeError("GlobalLBL: no mask; run the model through wrap_forward_step")
-        m = self._mask.bool().t()  # [S, B]
-        if config.sequence_parallel:
-            tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-            s = m.shape[0] // tp
-            m = m[r * s:(r + 1) * s]
-        m = m.reshape(-1)
+        m = token_validity(self._mask, config)
         if m.numel() != n_local:
             raise RuntimeError(f"GlobalLBL: router saw {n_local} tokens, mask has {m.numel()}")
         return m
@@ -222,10 +234,10 @@ class GlobalLBL:
 
         def fwd(data_iterator, model):
             batch = next(data_iterator)
-            out = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+            out = model(*(batch_field(batch, k) for k in ("tokens", "position_ids", "attention_mask")))
             return out, lambda output, non_loss_data=True: None
 
-        b, s = microbatches[0]["tokens"].shape
+        b, s = batch_field(microbatches[0], "tokens").shape
         with self.counting(trainer), torch.no_grad():
             get_forward_backward_func()(
                 forward_step_func=self.wrap_forward_step(fwd), data_iterator=iter(microbatches),
@@ -233,22 +245,24 @@ class GlobalLBL:
                 micro_batch_size=b, forward_only=True, collect_non_loss_data=True)
         return self.reduce_counts(trainer, microbatches)
 
-    def set_local_counts(self, trainer, microbatches: list[dict], counts: torch.Tensor) -> dict:
+    def set_local_counts(self, trainer, microbatches: list[dict], counts: torch.Tensor, *,
+                         mb_counts: torch.Tensor | None = None) -> dict:
         """Phase A without the extra forward: the caller already has this rank's routes.
 
         Args:
             counts: [num_layers, E] routed valid-token counts of this rank's micro-batches as the
                 router hook of ``counting`` would count them (this rank's SP shard, this PP
                 stage's MoE rows, other rows 0), e.g. from recorded / replayed routes.
-        Returns the metrics of ``collect_counts``. ``mb_counts`` is left empty (no "micro" LBL).
-        Collective."""
+            mb_counts: optional [M_local, num_layers, E] the same per micro-batch (the "micro"
+                LBL needs them); None leaves ``mb_counts`` empty.
+        Returns the metrics of ``collect_counts``. Collective."""
         cfg = trainer.config
         self.counts = counts.double().clone().cpu()
         self._present = torch.zeros(cfg.num_layers, dtype=torch.float64)
         for r in _routers(trainer.model):
             self._present[r.layer_number - 1] = 1.0
         self.topk = cfg.moe_router_topk
-        self.mb_counts = None
+        self.mb_counts = None if mb_counts is None else mb_counts.double().clone().cpu()
         return self.reduce_counts(trainer, microbatches)
 
     def reduce_counts(self, trainer, microbatches: list[dict]) -> dict:
@@ -263,7 +277,7 @@ class GlobalLBL:
                               dtype=torch.float64)  # a stage without MoE layers saw none
             self.mb_counts = torch.cat([self.mb_counts, pad])
         dp = ps.get_data_parallel_group()
-        self.mb_tokens = torch.tensor([float(mb[self.mask_key].sum()) for mb in microbatches],
+        self.mb_tokens = torch.tensor([float(batch_field(mb, self.mask_key).sum()) for mb in microbatches],
                                       dtype=torch.float64)
         n = torch.tensor([float(self.mb_tokens.sum()), float(len(microbatches))],
                          dtype=torch.float64)

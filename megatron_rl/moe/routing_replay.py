@@ -49,6 +49,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from megatron_rl.moe.global_lbl import batch_field
+
 REPLAY_KEY = "replay_routes"
 
 
@@ -196,7 +198,8 @@ class RoutingReplay:
         model: this rank's model chunk (DDP-wrapped or not), built with replay enabled.
         mode: "replay" (REPLAY_FORWARD with the batch's ``key`` routes; R3 / R2) or "record"
             (RECORD; read with ``recorded_routes``).
-        key: batch key of the [B, S, L, K] replay tensor (mode "replay").
+        key: batch key (dict batches) or attribute (typed micro-batches) of the [B, S, L, K]
+            replay tensor (mode "replay").
     One context per pass (a forward-only pass or one ``train_step``): queued recompute indices
     and recordings are dropped on exit. On exit (also on exceptions) every instance is back to
     no action, no indices, and its original ``get_replay_topk``.
@@ -273,7 +276,7 @@ class RoutingReplay:
     def _install(self, batch: dict) -> None:
         from megatron.core import parallel_state as ps
 
-        routes = batch[self.key]
+        routes = batch_field(batch, self.key)
         if routes.dim() != 4 or tuple(routes.shape[2:]) != (self.num_moe_layers, self.topk):
             raise ValueError(f"batch[{self.key!r}] must be [B, S, {self.num_moe_layers}, "
                              f"{self.topk}], got {tuple(routes.shape)}")
@@ -301,7 +304,7 @@ class RoutingReplay:
                 recs = [r.router_replay.get_recorded_indices() for r in self.routers]
                 if any(x is None for x in recs):
                     raise RuntimeError("RoutingReplay: a router recorded nothing")
-                self._recorded.append((tuple(batch["tokens"].shape),
+                self._recorded.append((tuple(batch_field(batch, "tokens").shape),
                                        [x.detach().long().cpu() for x in recs]))
             return out
 

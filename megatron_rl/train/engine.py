@@ -142,14 +142,16 @@ def train_step(tr: Trainer, microbatches: list[dict], *,
 
     Args:
         tr: the Trainer.
-        microbatches: list of batch dicts (see ``lm_forward_step``), all with the same [B, S].
+        microbatches: list of batch dicts (see ``lm_forward_step``) or typed micro-batches
+            (``rl_batch.MicroBatch``) that ``forward_step`` reads, all with the same [B, S].
     Returns:
         metrics: ``train/loss`` (global token-mean CE, nats), ``train/num_tokens``,
         ``train/grad_norm``, ``train/lr``, ``train/update_ok``.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    b, s = microbatches[0]["tokens"].shape
+    first = microbatches[0]
+    b, s = (first["tokens"] if isinstance(first, dict) else first.tokens).shape
     tr.model.zero_grad_buffer()
     tr.optimizer.zero_grad()
     loss_dicts = get_forward_backward_func()(

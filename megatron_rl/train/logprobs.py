@@ -63,53 +63,13 @@ def apply_logits_temperature(model, temperature: float) -> list:
     return handles
 
 
-def compute_logprobs(tr_or_model, tokens: torch.Tensor, *,
-                     attention_mask: torch.Tensor | None = None,
-                     position_ids: torch.Tensor | None = None, extra: dict | None = None,
-                     wrap_step=None, loss_impl: str = "auto") -> torch.Tensor:
-    """Log-probabilities of ``tokens[:, 1:]`` given their prefixes, on every rank.
-
-    Collective over the model-parallel group (TP / PP / EP): every rank of a DP replica calls it
-    with the same ``tokens``.
-
-    Args:
-        tr_or_model: a ``Trainer`` (``.model``) or this rank's GPTModel chunk (DDP-wrapped or not).
-        tokens: [B, S] int64 token ids, S >= 2, ids < the HF vocab size.
-        attention_mask: [B, 1, S, S] bool, True = masked (Megatron convention); default causal.
-        position_ids: [B, S] int64; default ``arange(S)`` per row. For packed rows pass the
-            batch's block-diagonal ``attention_mask`` and restarting ``position_ids`` (see
-            ``rl_batch.pack_microbatches``): the logprobs then equal the unpacked ones.
-        extra: more batch keys handed to the forward step (e.g. ``"replay_routes"``).
-        wrap_step: ``forward_step -> forward_step`` applied to the pass's Megatron forward step
-            (e.g. ``moe.routing_replay.RoutingReplay.wrap_forward_step`` for R3 / R2 / RECORD).
-        loss_impl: "fused" / "torch" / "auto" (``ops.resolve_loss_impl`` on the model's device).
-    Returns:
-        [B, S - 1] float32 natural-log probabilities (<= 0), on CPU, identical on every rank of
-        the pipeline group: ``out[b, t] = log p(tokens[b, t + 1] | tokens[b, :t + 1])``.
-    Raises:
-        ValueError: ``tokens`` is not 2-D int64 with S >= 2, or an unknown ``loss_impl``.
-    """
+def _nll_step(fused: bool):
+    """Forward-only Megatron step collecting -logp [B, S] of ``labels``: Megatron's vocab-parallel
+    CE (model called with labels), or (``fused``) the logits [B, S, V / tp] through the one-pass
+    ``ops.vocab_parallel_logprobs_entropy``."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rl.ops import resolve_loss_impl, vocab_parallel_logprobs_entropy
-
-    if tokens.dim() != 2 or tokens.dtype != torch.int64 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens must be [B, S>=2] int64, got {tuple(tokens.shape)} {tokens.dtype}")
-    model = getattr(tr_or_model, "model", tr_or_model)
-    b, s = tokens.shape
-    device = next(model.parameters()).device
-    labels = torch.zeros_like(tokens)
-    labels[:, :-1] = tokens[:, 1:]  # the last position predicts nothing we keep
-    batch = {
-        "tokens": tokens.to(device), "labels": labels.to(device),
-        "position_ids": (torch.arange(s).expand(b, s).contiguous() if position_ids is None
-                         else position_ids).to(device),
-        "attention_mask": (causal_mask(b, s) if attention_mask is None else attention_mask).to(device),
-        **(extra or {}),
-    }
-
-    fused = resolve_loss_impl(loss_impl, device) == "fused"
+    from megatron_rl.ops import vocab_parallel_logprobs_entropy
 
     def step(data_iterator, m):
         mb = next(data_iterator)
@@ -129,6 +89,56 @@ def compute_logprobs(tr_or_model, tokens: torch.Tensor, *,
 
         return ce, collect
 
+    return step
+
+
+def compute_logprobs(tr_or_model, tokens: torch.Tensor, *,
+                     attention_mask: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None, extra: dict | None = None,
+                     wrap_step=None, loss_impl: str = "auto") -> torch.Tensor:
+    """Log-probabilities of ``tokens[:, 1:]`` given their prefixes, on every rank.
+
+    Collective over the model-parallel group (TP / PP / EP): every rank of a DP replica calls it
+    with the same ``tokens``.
+
+    Args:
+        tr_or_model: a ``Trainer`` (``.model``) or this rank's GPTModel chunk (DDP-wrapped or not).
+        tokens: [B, S] int64 token ids, S >= 2, ids < the HF vocab size.
+        attention_mask: [B, 1, S, S] bool, True = masked (Megatron convention); default causal.
+        position_ids: [B, S] int64; default ``arange(S)`` per row. For packed rows pass the
+            batch's block-diagonal ``attention_mask`` and restarting ``position_ids`` (see
+            ``rl_batch.pack_microbatches``): the logprobs then equal the unpacked ones.
+        extra: more batch keys handed to the forward step (e.g. ``"routes"`` for routing replay).
+        wrap_step: ``forward_step -> forward_step`` applied to the pass's Megatron forward step
+            (e.g. ``moe.routing_replay.RoutingReplay.wrap_forward_step`` for R3 / R2 / RECORD).
+        loss_impl: "fused" / "torch" / "auto" (``ops.resolve_loss_impl`` on the model's device).
+    Returns:
+        [B, S - 1] float32 natural-log probabilities (<= 0), on CPU, identical on every rank of
+        the pipeline group: ``out[b, t] = log p(tokens[b, t + 1] | tokens[b, :t + 1])``.
+    Raises:
+        ValueError: ``tokens`` is not 2-D int64 with S >= 2, or an unknown ``loss_impl``.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_rl.ops import resolve_loss_impl
+
+    if tokens.dim() != 2 or tokens.dtype != torch.int64 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [B, S>=2] int64, got {tuple(tokens.shape)} {tokens.dtype}")
+    model = getattr(tr_or_model, "model", tr_or_model)
+    b, s = tokens.shape
+    device = next(model.parameters()).device
+    labels = torch.zeros_like(tokens)
+    labels[:, :-1] = tokens[:, 1:]  # the last position predicts nothing we keep
+    batch = {
+        "tokens": tokens.to(device), "labels": labels.to(device),
+        "position_ids": (torch.arange(s).expand(b, s).contiguous() if position_ids is None
+                         else position_ids).to(device),
+        "attention_mask": (causal_mask(b, s) if attention_mask is None else attention_mask).to(device),
+        **(extra or {}),
+    }
+
+    step = _nll_step(resolve_loss_impl(loss_impl, device) == "fused")
     was_training = model.training
     model.eval()
     try:
@@ -151,3 +161,15 @@ def compute_logprobs(tr_or_model, tokens: torch.Tensor, *,
                                     group=ps.get_pipeline_model_parallel_group())
         logp = logp.cpu()
     return logp
+
+
+def logprobs_of(model: torch.nn.Module, mb, route: dict, loss_impl: str) -> torch.Tensor:
+    """[B, S] float32 logprobs of ``mb.labels`` under ``model`` (a Trainer or a model chunk) in the
+    label frame (position S - 1 is 0): ``compute_logprobs`` (no grad, collective as it is) with
+    the layout of ``mb`` (an ``rl_batch.MicroBatch``: tokens, attention_mask, position_ids,
+    loss_mask) and ``route``'s routing keywords (``moe.step_routing.MoERouting`` passes)."""
+    logp = compute_logprobs(model, mb.tokens, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                            loss_impl=loss_impl, **route)  # [B, S - 1]
+    out = torch.zeros_like(mb.loss_mask, dtype=torch.float32)
+    out[:, :-1] = logp
+    return out

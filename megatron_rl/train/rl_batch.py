@@ -21,13 +21,19 @@ Left out: context parallelism, splitting a sample across rows.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from megatron_rl.data.packing import first_fit_decreasing, packed_attention_mask
 from megatron_rl.losses.policy import policy_loss
+from megatron_rl.losses.rl_loss import PolicyLossSettings, rl_loss
+from megatron_rl.moe.routing_replay import build_replay_routes
 from megatron_rl.train.logprobs import causal_mask
+
+__all__ = ["LossStats", "MicroBatch", "PolicyLossSettings", "PromptStream", "Sample", "collate",
+           "local_counts", "microbatches", "pack_microbatches", "policy_forward_step"]
 
 
 @dataclass(kw_only=True)
@@ -42,7 +48,7 @@ class Sample:
     weight_version: str | None
     is_demo: bool = False  # HPT: a demonstration (SFT loss on output_ids), not a rollout
     group: int = -1  # prompt index of the sample within its rollout batch (-1: unknown)
-    routed_experts: object = None  # engine routes int [len(prompt + output) - 1, L, K] (R3), or None
+    routed_experts: np.ndarray | torch.Tensor | None = None  # engine routes int [len(prompt + output) - 1, L, K]
     # multi-turn (rollout.multiturn): per output token 1 = policy, 0 = environment (None: all policy)
     loss_mask: list[int] | None = None
     turns: list | None = None  # [start, end) of each policy turn in output_ids
@@ -82,6 +88,48 @@ class PromptStream:
         self._order = self._perm()
 
 
+@dataclass(kw_only=True)
+class MicroBatch:
+    """One RL training micro-batch: B rows of S tokens, every per-token tensor in the label frame.
+
+    Built by ``collate`` / ``pack_microbatches``; the RL step attaches ``old_logprobs`` (and
+    ``is_weights``, ``ref_logprobs``) and may shrink ``loss_mask`` (mismatch masking). It is what
+    Megatron's schedule hands the forward step (``data_iterator`` yields these).
+    """
+
+    tokens: torch.Tensor  # [B, S] int64 prompt + response ids, pad_id after
+    labels: torch.Tensor  # [B, S] int64 tokens[:, 1:] (the label frame), 0 at S - 1
+    position_ids: torch.Tensor  # [B, S] int64, restarting at 0 for every packed sample
+    attention_mask: torch.Tensor  # [B, 1, S, S] bool, True = masked (causal / block-diagonal)
+    seq_ids: torch.Tensor  # [B, S] int64 sample index within the micro-batch, -1 on padding
+    loss_mask: torch.Tensor  # [B, S] float 1 where labels[t] is a trained token
+    advantages: torch.Tensor  # [B, S] float32 the sample's advantage on its loss tokens, else 0
+    rollout_logprobs: torch.Tensor  # [B, S] float32 engine logprobs mu of labels (0: demos, padding)
+    sft_mask: torch.Tensor | None = None  # [B, S] float 1 on HPT demonstration tokens (None: no demo)
+    sample_index: list[tuple[int, int, int, int]] | None = None  # packed: (input index, row, offset, n)
+    routes: torch.Tensor | None = None  # [B, S, L, K] int the routes a pass replays (moe.step_routing)
+    old_logprobs: torch.Tensor | None = None  # [B, S] float32 log pi_old(labels), no grad
+    is_weights: torch.Tensor | None = None  # [B, S] float TIS weights (1 off the RL tokens)
+    ref_logprobs: torch.Tensor | None = None  # [B, S] float32 reference logprobs (KL on)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(B, S)."""
+        return tuple(self.tokens.shape)
+
+    def masked_copy(self) -> "MicroBatch":
+        """Same shapes, no loss token (keeps DP ranks' schedules in step); routes -> the filler."""
+        out = MicroBatch(**{f.name: (v.clone() if torch.is_tensor(v) else v)
+                            for f in fields(self) for v in [getattr(self, f.name)]})
+        out.loss_mask, out.advantages = torch.zeros_like(out.loss_mask), torch.zeros_like(out.advantages)
+        if out.sft_mask is not None:
+            out.sft_mask = torch.zeros_like(out.sft_mask)
+        if out.routes is not None:
+            l, k = out.routes.shape[2:]
+            out.routes = build_replay_routes([None] * out.shape[0], out.shape[1], l, k)
+        return out
+
+
 def _place(s: Sample, adv: float, out: dict, r: int, off: int, j: int) -> None:
     """Write sample ``s`` at row r, columns [off, off + len) of the [B, S] tensors in ``out``."""
     p, t = len(s.prompt_ids), len(s.output_ids)
@@ -113,59 +161,72 @@ def _empty(b: int, seq_len: int, pad_id: int) -> dict:
             "rollout_logprobs": torch.zeros(b, seq_len), "sft_mask": torch.zeros(b, seq_len)}
 
 
-def _finish(out: dict, attention_mask: torch.Tensor, any_demo: bool) -> dict:
+def _finish(out: dict, attention_mask: torch.Tensor, any_demo: bool, route_rows: list | None,
+            route_layout: tuple[int, int] | None, sample_index: list | None = None) -> MicroBatch:
     labels = torch.zeros_like(out["tokens"])
     labels[:, :-1] = out["tokens"][:, 1:]
-    out.update(labels=labels, attention_mask=attention_mask)
     if not any_demo:
-        del out["sft_mask"]
-    return out
+        out["sft_mask"] = None
+    routes = None
+    if route_layout is not None:  # the engine's routes [B, S, L, K]; the filler where a row has none
+        routes = build_replay_routes(route_rows, out["tokens"].shape[1], *route_layout)
+    return MicroBatch(**out, labels=labels, attention_mask=attention_mask, routes=routes,
+                      sample_index=sample_index)
 
 
-def collate(samples: list[Sample], advantages: torch.Tensor, seq_len: int, pad_id: int) -> dict:
+def collate(samples: list[Sample], advantages: torch.Tensor, seq_len: int, pad_id: int, *,
+            route_layout: tuple[int, int] | None = None) -> MicroBatch:
     """Right-padded rows in the label frame, one sample per row.
 
-    Args: samples (B of them); advantages [B] float; seq_len S >= every len(prompt + output).
-    Returns: tokens/labels/position_ids [B, S] int64, attention_mask [B, 1, S, S] bool (causal),
-        loss_mask [B, S] float, rollout_logprobs [B, S] float32, advantages [B, S] float32
-        (0 off the loss mask), seq_ids [B, S] int64 (row index on the sample's tokens, -1 on
-        padding), and ``sft_mask`` [B, S] float (1 on demonstration tokens) only if some sample
-        has ``is_demo`` (its tokens are in loss_mask too; its rollout_logprobs stay 0).
+    Args: samples (B of them); advantages [B] float; seq_len S >= every len(prompt + output);
+        route_layout: (L MoE layers, top-k K) of the engine's routes: when given, ``routes``
+        [B, S, L, K] holds each sample's ``routed_experts`` (``build_replay_routes``; the
+        filler route on rows and positions without one).
+    Returns: a ``MicroBatch``: tokens/labels/position_ids [B, S] int64, attention_mask
+        [B, 1, S, S] bool (causal), loss_mask [B, S] float, rollout_logprobs [B, S] float32,
+        advantages [B, S] float32 (0 off the loss mask), seq_ids [B, S] int64 (row index on the
+        sample's tokens, -1 on padding), and ``sft_mask`` [B, S] float (1 on demonstration
+        tokens) only if some sample has ``is_demo`` (its tokens are in loss_mask too; its
+        rollout_logprobs stay 0).
+    Raises: ValueError: a multi-turn ``loss_mask`` of the wrong length, routes of the wrong shape.
     """
     b = len(samples)
     out = _empty(b, seq_len, pad_id)
     for i, s in enumerate(samples):
         _place(s, float(advantages[i]), out, i, 0, i)
-    return _finish(out, causal_mask(b, seq_len), any(s.is_demo for s in samples))
+    rows = [s.routed_experts for s in samples]
+    return _finish(out, causal_mask(b, seq_len), any(s.is_demo for s in samples), rows, route_layout)
 
 
 def microbatches(samples: list[Sample], advantages: torch.Tensor, rows: int, seq_len: int,
-                 pad_id: int) -> list[dict]:
+                 pad_id: int, *, route_layout: tuple[int, int] | None = None) -> list[MicroBatch]:
     """Cut samples into micro-batches of ``rows`` rows; the last is padded with fully masked rows."""
     dummy = Sample(prompt_ids=[pad_id], output_ids=[], rollout_logprobs=[], reward=0.0,
                    finish_reason="pad", weight_version=None)
     pad = (-len(samples)) % rows
     samples = list(samples) + [dummy] * pad
     adv = torch.cat([advantages.float(), torch.zeros(pad)])
-    return [collate(samples[i: i + rows], adv[i: i + rows], seq_len, pad_id)
+    return [collate(samples[i: i + rows], adv[i: i + rows], seq_len, pad_id, route_layout=route_layout)
             for i in range(0, len(samples), rows)]
 
 
 def pack_microbatches(samples: list[Sample], advantages: torch.Tensor, max_tokens: int,
-                      pad_id: int, *, rows: int = 1) -> list[dict]:
+                      pad_id: int, *, rows: int = 1,
+                      route_layout: tuple[int, int] | None = None) -> list[MicroBatch]:
     """Sequence packing: whole samples into rows of ``max_tokens`` by first-fit-decreasing.
 
     Every micro-batch has ``rows`` rows of S = ``max_tokens`` (the last one is completed with
-    empty rows), keys as ``collate`` with, per row, a block-diagonal causal ``attention_mask``
+    empty rows), fields as ``collate`` with, per row, a block-diagonal causal ``attention_mask``
     [B, 1, S, S] (a token attends only to earlier tokens of its own sample) and ``position_ids``
     restarting at 0 for each sample, so per-token logprobs equal the unpacked ones (to float
     rounding: Megatron's RoPE in the BSHD layout ignores position_ids, but rotary attention
     depends only on relative offsets, which the block-diagonal mask keeps per sample). The last
     token of a sample (whose label is the next sample's first token) is never in ``loss_mask``.
-    Extra keys: ``seq_ids`` [B, S] int64 = index of the sample within this micro-batch (-1 on
-    padding), which the loss uses to aggregate per sample (all ``agg`` modes and GSPO work);
+    ``seq_ids`` [B, S] int64 = index of the sample within this micro-batch (-1 on padding),
+    which the loss uses to aggregate per sample (all ``agg`` modes and GSPO work);
     ``sample_index``: list of (input index, row, offset, length), one per sample, in
-    ``seq_ids`` order (map per-sample data, e.g. routing-replay routes, with it).
+    ``seq_ids`` order; ``routes`` (with ``route_layout``) holds each sample's engine routes at
+    its offset.
     Raises: ValueError if a sample is longer than ``max_tokens`` or ``rows`` < 1.
     """
     if rows < 1:
@@ -176,55 +237,34 @@ def pack_microbatches(samples: list[Sample], advantages: torch.Tensor, max_token
     out = []
     for lo in range(0, len(bins), rows):
         mb, index, masks = _empty(rows, max_tokens, pad_id), [], []
+        route_rows = [[] for _ in range(rows)]
         for r, members in enumerate(bins[lo: lo + rows]):
             cu = [0]
             for i in members:
                 _place(samples[i], float(advantages[i]), mb, r, cu[-1], len(index))
                 n = len(samples[i].prompt_ids) + len(samples[i].output_ids)
                 index.append((i, r, cu[-1], n))
+                if samples[i].routed_experts is not None:  # demonstrations have none
+                    route_rows[r].append((cu[-1], samples[i].routed_experts))
                 cu.append(cu[-1] + n)
             masks.append(packed_attention_mask(torch.tensor(cu), max_tokens))
         demo = any(samples[i].is_demo for i, *_ in index)
-        out.append(_finish(mb, torch.cat(masks), demo) | {"sample_index": index})
+        out.append(_finish(mb, torch.cat(masks), demo, route_rows, route_layout,
+                           sample_index=index))
     return out
 
 
-def local_counts(mb: dict) -> tuple[int, int]:
+def local_counts(mb: MicroBatch) -> tuple[int, int]:
     """(loss tokens, samples with >= 1 loss token) of one micro-batch, padded or packed."""
-    mask, ids = mb["loss_mask"], mb["seq_ids"]
+    mask, ids = mb.loss_mask, mb.seq_ids
     seqs = torch.unique(ids[(mask > 0) & (ids >= 0)]).numel()
     return int(mask.sum()), int(seqs)
 
 
-@dataclass(frozen=True, kw_only=True)
-class PolicyLossSettings:
-    """The scalars of the policy loss fixed for a run (see ``RLConfig``).
-
-    entropy_coef: entropy bonus ``-coef * sum(H) / global_num_tokens`` on RL tokens (0 = off).
-    entropy_metric: compute ``train/entropy`` (needs the logits; no grad when entropy_coef = 0).
-    kl_coef / kl_kind: KL-to-reference loss ``coef * sum(k) / global_num_tokens`` on RL tokens,
-        active when > 0 and the batch has ``ref_logprobs`` (``losses.kl.kl_estimate``).
-    loss_impl: "fused" (``megatron_rl.ops``: one-pass vocab-parallel logprobs + entropy with the
-        gradient written in place, fused PPO clipping), "torch" (Megatron's
-        ``vocab_parallel_cross_entropy`` + ``losses/``), or "auto" = fused where the compiled op
-        exists for the model's device (``ops.resolve_loss_impl``).
-    """
-
-    eps_low: float
-    eps_high: float
-    agg: str
-    max_response_len: int
-    entropy_coef: float = 0.0
-    entropy_metric: bool = True
-    kl_coef: float = 0.0
-    kl_kind: str = "k3"
-    loss_impl: str = "auto"
-
-
 @dataclass
 class LossStats:
-    """Per optimizer step, local sums then reduced: RL/all/SFT token counts, clipped tokens,
-    entropy and KL sums, max |ratio - 1|."""
+    """Per optimizer step: the additive metrics of ``losses.rl_loss.rl_loss`` summed over this
+    rank's micro-batches (``ratio_dev_max`` a max), then reduced by ``reduce``."""
 
     tokens: float = 0.0  # RL tokens (the policy metrics' denominator)
     clipped: float = 0.0
@@ -236,14 +276,15 @@ class LossStats:
     kl_sum: float = 0.0  # over RL tokens
     kl_on: float = 0.0
 
-    def add(self, metrics: dict, n: float) -> None:
-        """Policy metrics (local means over ``n`` RL tokens) of one micro-batch."""
-        if n <= 0:
-            return
-        self.tokens += n
-        self.clipped += float(metrics["clip_frac_low"] + metrics["clip_frac_high"]) * n
-        dev = max(float(metrics["ratio_max"]) - 1.0, 1.0 - float(metrics["ratio_min"]))
-        self.ratio_dev_max = max(self.ratio_dev_max, dev)
+    def add(self, metrics: dict[str, float]) -> None:
+        """Accumulate one micro-batch's ``rl_loss`` metrics."""
+        for key in ("tokens", "clipped", "all_tokens", "sft_tokens"):
+            setattr(self, key, getattr(self, key) + metrics[key])
+        self.ratio_dev_max = max(self.ratio_dev_max, metrics["ratio_dev_max"])
+        if "entropy_sum" in metrics:
+            self.entropy_on, self.entropy_sum = 1.0, self.entropy_sum + metrics["entropy_sum"]
+        if "kl_sum" in metrics:
+            self.kl_on, self.kl_sum = 1.0, self.kl_sum + metrics["kl_sum"]
 
     def reduce(self) -> dict:
         """Collective over DP and PP: ``train/clip_frac``, ``ratio_max_abs_dev``, and when
@@ -272,13 +313,13 @@ class LossStats:
 _PER_TOKEN = ("loss_mask", "advantages", "old_logprobs", "is_weights", "ref_logprobs", "sft_mask")
 
 
-def _per_sample_view(batch: dict, tensors: dict) -> dict:
+def _per_sample_view(seq_ids: torch.Tensor, tensors: dict) -> dict:
     """Per-token tensors [B, S] -> [N, L] with one sample per row (packed batches; ``seq_ids``).
 
     Sample j's tokens, in order, fill row j from column 0; the rest of the row is masked out of
     ``loss_mask`` (other tensors hold arbitrary values there). Gradients flow through.
     """
-    ids = batch["seq_ids"].to(tensors["loss_mask"].device).reshape(-1)  # [B*S]
+    ids = seq_ids.to(tensors["loss_mask"].device).reshape(-1)  # [B*S]
     n = int(ids.max()) + 1 if ids.numel() else 0
     pos = torch.nonzero(ids >= 0).squeeze(-1)  # row-major positions, samples contiguous
     sid = ids[pos]
@@ -324,89 +365,57 @@ def _logprobs_entropy(output: torch.Tensor, labels: torch.Tensor, settings: Poli
     return -ce.float(), entropy
 
 
-def _policy_term(settings: PolicyLossSettings, t: dict, rl, n_glob, s_glob, fused: bool):
-    """The clipped surrogate of the RL tokens: ``losses.policy.policy_loss`` or the fused op."""
-    kw = dict(eps_low=settings.eps_low, eps_high=settings.eps_high, is_weights=t.get("is_weights"),
-              agg=settings.agg, global_num_tokens=n_glob, global_num_seqs=s_glob,
-              max_response_len=settings.max_response_len)
-    if fused:
-        from megatron_rl.ops import fused_policy_loss
-
-        return fused_policy_loss(t["logprobs"], t["old_logprobs"], t["advantages"], rl, **kw)
-    return policy_loss(t["logprobs"], t["old_logprobs"], t["advantages"], rl, **kw)
-
-
-def _rl_loss(settings: PolicyLossSettings, t: dict, n_glob, s_glob, stats: LossStats,
-             fused: bool = False):
-    """The loss of one micro-batch from per-sample (or padded-row) tensors ``t`` [N, L]."""
-    from megatron_rl.losses.kl import kl_loss
-
-    lp, mask = t["logprobs"], t["loss_mask"].bool()
-    sft = t["sft_mask"].bool() & mask if "sft_mask" in t else torch.zeros_like(mask)
-    rl = mask & ~sft
-    loss, m = _policy_term(settings, t, rl, n_glob, s_glob, fused)
-    n_rl, n_sft = float(rl.sum()), float(sft.sum())
-    stats.add(m, n_rl)
-    stats.all_tokens += n_rl + n_sft
-    if n_sft:  # HPT: token-sum NLL of the demonstrations over the same global normaliser
-        loss = loss + torch.where(sft, -lp, torch.zeros_like(lp)).sum() / max(float(n_glob), 1.0)
-        stats.sft_tokens += n_sft
-    if t.get("entropy") is not None:
-        ent = t["entropy"]
-        stats.entropy_on, stats.entropy_sum = 1.0, stats.entropy_sum + float(ent.detach()[mask].sum())
-        if settings.entropy_coef != 0.0:
-            loss = loss - settings.entropy_coef * torch.where(rl, ent, torch.zeros_like(ent)).sum() \
-                / max(float(n_glob), 1.0)
-    if settings.kl_coef > 0 and t.get("ref_logprobs") is not None:
-        kl, km = kl_loss(lp, t["ref_logprobs"], rl, coef=settings.kl_coef, kind=settings.kl_kind,
-                         global_num_tokens=n_glob)
-        loss = loss + kl
-        stats.kl_on, stats.kl_sum = 1.0, stats.kl_sum + float(km["kl"]) * n_rl
-    return loss
-
-
 def policy_forward_step(settings: PolicyLossSettings, global_num_tokens: int, global_num_seqs: int,
                         stats: LossStats):
-    """Megatron ``forward_step_func``: token logprobs, the clipped policy loss, and optionally the
-    entropy bonus, the KL-to-reference loss and HPT's SFT loss on demonstration tokens.
+    """Megatron ``forward_step_func`` of the trained RL loss (``losses.rl_loss.rl_loss``): token
+    logprobs (+ entropy) from the model output, then the clipped policy loss and optionally the
+    entropy bonus, the KL-to-reference loss and HPT's SFT loss on demonstration tokens; each
+    micro-batch's metrics are added to ``stats``.
 
-    Batch keys: those of ``collate`` / ``pack_microbatches`` plus ``old_logprobs`` [B, S] and
-    optional ``is_weights``, ``ref_logprobs`` [B, S] (label frame), ``sft_mask`` [B, S].
-    Batches with ``sample_index`` (packed) are aggregated per sample through ``seq_ids``.
-    ``global_num_tokens`` counts every loss token (RL + SFT), ``global_num_seqs`` the samples
-    with >= 1 loss token (``local_counts`` summed over micro-batches and DP ranks).
-    The loss function returns ``(L_mb * global_num_tokens, local tokens int, {"lm_loss": ...})``
-    (see the module docstring), ``lm_loss = [L_mb * global_num_tokens, local tokens]`` so that
-    ``engine.train_step``'s ``train/loss`` is the global mini-batch loss.
+    The data iterator yields ``MicroBatch``es with ``old_logprobs`` set (and optionally
+    ``is_weights``, ``ref_logprobs``, ``sft_mask``). Packed micro-batches (``sample_index``) are
+    aggregated per sample through ``seq_ids``. ``global_num_tokens`` counts every loss token
+    (RL + SFT), ``global_num_seqs`` the samples with >= 1 loss token (``local_counts`` summed
+    over micro-batches and DP ranks). The loss function returns ``(L_mb * global_num_tokens,
+    local tokens int, {"lm_loss": ...})`` (see the module docstring), ``lm_loss = [L_mb *
+    global_num_tokens, local tokens]`` so that ``engine.train_step``'s ``train/loss`` is the
+    global mini-batch loss.
     """
     logits = settings.entropy_metric or settings.entropy_coef != 0.0
     impl = {}  # resolved once, on the model's device
 
-    def loss_func(batch: dict, output: torch.Tensor):
+    def loss_func(mb: MicroBatch, output: torch.Tensor):
         fused = impl["fused"]
-        logprobs, entropy = _logprobs_entropy(output, batch["labels"], settings, fused)
+        logprobs, entropy = _logprobs_entropy(output, mb.labels, settings, fused)
         dev = logprobs.device
-        t = {k: batch[k].to(dev) for k in _PER_TOKEN if batch.get(k) is not None}
+        t = {k: getattr(mb, k).to(dev) for k in _PER_TOKEN if getattr(mb, k) is not None}
         t["logprobs"] = logprobs
         if entropy is not None:
             t["entropy"] = entropy
-        if "sample_index" in batch:
-            t = _per_sample_view(batch, t)
-        loss = _rl_loss(settings, t, global_num_tokens, global_num_seqs, stats, fused)
-        n_local = batch["loss_mask"].sum().to(dev)
+        if mb.sample_index is not None:
+            t = _per_sample_view(mb.seq_ids, t)
+        policy_fn = policy_loss
+        if fused:
+            from megatron_rl.ops import fused_policy_loss as policy_fn
+        loss, metrics = rl_loss(t["logprobs"], t["loss_mask"], t["advantages"], t["old_logprobs"], settings,
+                                global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+                                sft_mask=t.get("sft_mask"), entropy=t.get("entropy"),
+                                ref_logprobs=t.get("ref_logprobs"), is_weights=t.get("is_weights"),
+                                policy_fn=policy_fn)
+        stats.add(metrics)
+        n_local = mb.loss_mask.sum().to(dev)
         scaled = loss * global_num_tokens
         return scaled, n_local.to(torch.int), {"lm_loss": torch.stack([scaled.detach(), n_local])}
 
     def step(data_iterator, model):
-        batch = next(data_iterator)
+        mb = next(data_iterator)
         dev = next(model.parameters()).device
         if "fused" not in impl:
             from megatron_rl.ops import resolve_loss_impl
 
             impl["fused"] = resolve_loss_impl(settings.loss_impl, dev) == "fused"
-        labels = None if logits or impl["fused"] else batch["labels"].to(dev)
-        output = model(batch["tokens"].to(dev), batch["position_ids"].to(dev),
-                       batch["attention_mask"].to(dev), labels=labels)
-        return output, lambda out: loss_func(batch, out)
+        labels = None if logits or impl["fused"] else mb.labels.to(dev)
+        output = model(mb.tokens.to(dev), mb.position_ids.to(dev), mb.attention_mask.to(dev), labels=labels)
+        return output, lambda out: loss_func(mb, out)
 
     return step

@@ -21,9 +21,10 @@ import time
 import torch
 
 from megatron_rl.train import checkpointing as ckpt
-from megatron_rl.train.engine import OptimConfig, Trainer, build_trainer, train_step
+from megatron_rl.train.engine import train_step
 from megatron_rl.train.logging import MetricsLogger, WandbOptions, progress_bar
 from megatron_rl.train.run_config import record_run_config
+from megatron_rl.train.setup import setup
 from megatron_rl.train.sft_data import PackedRowStream, dp_microbatches, load_sft_samples
 
 
@@ -78,60 +79,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def setup(args, *, tconfig_hook=None) -> tuple[Trainer, object, dict]:
-    """Parallel init, model + optimizer, HF weights. Returns (trainer, tokenizer, hf_config).
-
-    ``tconfig_hook(TransformerConfig) -> TransformerConfig`` edits the config before the model is
-    built (e.g. ``moe.routing_replay.enable_routing_replay``)."""
-    from transformers import AutoTokenizer
-
-    from megatron_rl.checkpoint.hf_loader import load_hf_weights
-    from megatron_rl.models import ModelOptions, load_hf_config, transformer_config_from_hf
-    from megatron_rl.parallel import ParallelConfig, init_parallel
-
-    from megatron_rl.quant.fp8_training import resolve_fp8
-
-    hf_config = load_hf_config(args.hf)
-    fp8 = resolve_fp8(args, device=args.device if args.device != "auto" else
-                      ("cuda" if torch.cuda.is_available() else "cpu"), te_available=_has_te(),
-                      is_moe=bool(hf_config.get("num_experts") or hf_config.get("n_routed_experts")
-                                  or hf_config.get("num_local_experts")))  # FP8 without TE: refused
-    args.token_multiple = fp8.pad_multiple  # row lengths are padded to it (RL) / must divide --seq-length (SFT)
-    if getattr(args, "seq_length", None) and args.seq_length % fp8.pad_multiple:
-        raise ValueError(f"--seq-length {args.seq_length} must be a multiple of {fp8.pad_multiple}, the token "
-                         f"alignment of --fp8-recipe {args.fp8_recipe} (packed rows are GEMM operands)")
-    pc = ParallelConfig(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                        ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
-                        cp=args.context_parallel_size,
-                        sequence_parallel=args.sequence_parallel)
-    device = init_parallel(pc, device=args.device, seed=args.seed)
-    opts = ModelOptions(
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff,
-        sequence_parallel=args.sequence_parallel, recompute=args.recompute_granularity or "none",
-        use_te=device == "cuda" and fp8.use_te, overrides=fp8.overrides,
-    )
-    tconfig = transformer_config_from_hf(hf_config, opts, tp=pc.tp, pp=pc.pp, ep=pc.ep, etp=pc.etp, cp=pc.cp)
-    if tconfig_hook is not None:
-        tconfig = tconfig_hook(tconfig)
-    optim = OptimConfig(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.lr_warmup_iters,
-                        train_steps=args.train_iters, decay_style=args.lr_decay_style,
-                        weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-                        use_distributed_optimizer=args.use_distributed_optimizer)
-    tr = build_trainer(hf_config, tconfig, optim, use_te=opts.use_te)
-    load_hf_weights(tr.model, args.hf, hf_config)
-    tr.optimizer.reload_model_params()  # main (fp32) params follow the loaded weights
-    tokenizer = AutoTokenizer.from_pretrained(args.hf)
-    return tr, tokenizer, hf_config
-
-
-def _has_te() -> bool:
-    from megatron_rl._optional import has_te
-
-    return has_te()
-
-
 def _is_logger() -> bool:
     return torch.distributed.get_rank() == 0
 
@@ -142,7 +89,7 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     keys, verifier = RowKeys.from_args(args), resolve_verifier(args.verifier)  # a bad --verifier fails first
-    tr, tokenizer, hf_config = setup(args)
+    tr, tokenizer, hf_config, _ = setup(args, train_steps=args.train_iters, seq_length=args.seq_length)
     from megatron.core import parallel_state as ps
 
     from megatron_rl.train.evaluate import evaluate_splits
