@@ -80,7 +80,7 @@ def test_setup_refuses_fp8_before_building(tiny_hf_dir, tmp_path):
     args = parse_args(["--hf", tiny_hf_dir, "--train-data", "x.jsonl", "--out", str(tmp_path),
                        "--fp8-format", "e4m3", "--device", "cpu"])
     with pytest.raises(ValueError, match="--fp8-format e4m3.*silently train in bf16"):
-        setup(args, train_steps=args.train_steps, seq_length=args.seq_length)
+        setup(args, train_steps=args.train_iters, seq_length=args.seq_length)
 
 
 # ----------------------------------------------------------------------------- TE names
