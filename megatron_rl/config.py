@@ -124,6 +124,13 @@ class OptimizerArgs:
     clip_grad: float = arg(1.0, "gradient-norm clip (0: off)")
     use_distributed_optimizer: bool = arg(True, "Megatron's DistributedOptimizer (optimizer state sharded over dp)",
                                           negative_aliases=["--no-distributed-optimizer"])
+    override_opt_param_scheduler: bool = arg(
+        False, "on resume, use this run's lr / min_lr / warmup / decay / weight-decay schedule instead of the "
+        "checkpoint's (without this or --use-checkpoint-opt_param-scheduler a changed schedule is refused)",
+        aliases=["--override-opt_param-scheduler"])
+    use_checkpoint_opt_param_scheduler: bool = arg(
+        False, "on resume, keep the checkpoint's lr / min_lr / warmup / decay / weight-decay schedule and "
+        "ignore this run's", aliases=["--use-checkpoint-opt_param-scheduler"])
 
 
 @dataclass(kw_only=True)

@@ -290,8 +290,8 @@ def test_resume_warns_naming_changed_fields(tmp_path):
 def test_sft_run_saves_config_in_run_dir_and_checkpoint(tiny_hf_dir, tmp_path):
     """A 2-step SFT run writes <out>/config.yaml and config.yaml in each checkpoint (in its
     MANIFEST.json); resuming it with another --clip-grad / --train-iters warns naming both fields
-    with their old and new values (a changed --lr cannot resume: Megatron's DistributedOptimizer
-    keys its param groups by lr)."""
+    with their old and new values (the longer schedule needs --override-opt_param-scheduler, see
+    test_resume_with_a_changed_schedule_follows_megatrons_flags)."""
     import json
 
     from megatron_rl.data.jsonl import write_jsonl_atomic
@@ -313,11 +313,47 @@ def test_sft_run_saves_config_in_run_dir_and_checkpoint(tiny_hf_dir, tmp_path):
         d = out / "checkpoints" / f"iter_{step:07d}"
         assert yaml.safe_load((d / "config.yaml").read_text()) == expect
         assert "config.yaml" in json.loads((d / "MANIFEST.json").read_text())["files"]
-    (warned,) = run_distributed(run_sft_warnings, 1, [*argv, "--train-iters", "3", "--clip-grad", "0.5"])
+    (warned,) = run_distributed(run_sft_warnings, 1, [*argv, "--train-iters", "3", "--clip-grad", "0.5",
+                                                      "--override-opt_param-scheduler"])
     assert len(warned) == 1 and "optimizer.clip_grad: 1.0 -> 0.5" in warned[0], warned
     assert "sft.train_iters: 2 -> 3" in warned[0] and "iter_0000002" in warned[0]
     assert yaml.safe_load((out / "config.yaml").read_text())["optimizer"]["clip_grad"] == 0.5
     assert "config.yaml" in json.loads((out / "checkpoints" / "iter_0000003" / "MANIFEST.json").read_text())["files"]
+
+
+def test_resume_with_a_changed_schedule_follows_megatrons_flags(tiny_hf_dir, tmp_path):
+    """A 2-step SFT run (cosine, lr 1e-3, min_lr 1e-4) resumed with --lr 5e-4: without a flag it is
+    refused naming --lr and both of Megatron's flags (Megatron asserts with a bare message, and its
+    DistributedOptimizer, which pairs param groups by max_lr, raised a bare KeyError); with
+    --override-opt_param-scheduler (and a constant schedule, 3 steps) step 3 trains at exactly the
+    new 5e-4; with --use-checkpoint-opt_param-scheduler at the checkpoint's cosine floor, min_lr
+    1e-4, since its 2-step decay is over (Megatron's get_lr)."""
+    import json
+
+    from megatron_rl.data.jsonl import write_jsonl_atomic
+    from megatron_rl.data.synthetic import generate
+    from megatron_rl.testing import run_distributed
+
+    from _config_runs import run_sft_warnings
+
+    write_jsonl_atomic(tmp_path / "train.jsonl", generate("id", 40, seed=11))
+    base = ["--hf", tiny_hf_dir, "--train-data", str(tmp_path / "train.jsonl"), "--seq-length", "128",
+            "--micro-batch-size", "1", "--global-batch-size", "2", "--lr-warmup-iters", "0", "--device", "cpu",
+            "--lr", "1e-3"]
+    ckpts = tmp_path / "run" / "checkpoints"
+    run_distributed(run_sft_warnings, 1, [*base, "--out", str(tmp_path / "run"), "--train-iters", "2"])
+    resumed = [*base, "--load", str(ckpts), "--lr", "5e-4", "--lr-decay-style", "constant", "--train-iters", "3"]
+    with pytest.raises(RuntimeError, match="ScheduleMismatchError") as e:
+        run_distributed(run_sft_warnings, 1, [*resumed, "--out", str(tmp_path / "refused")])
+    for part in ("max_lr (--lr): checkpoint 0.001, this run 0.0005", "--override-opt_param-scheduler",
+                 "--use-checkpoint-opt_param-scheduler", str(ckpts / "iter_0000002")):
+        assert part in str(e.value)
+    for flag, lr in (("--override-opt_param-scheduler", 5e-4), ("--use-checkpoint-opt_param-scheduler", 1e-4)):
+        out = tmp_path / flag.strip("-")
+        run_distributed(run_sft_warnings, 1, [*resumed, "--out", str(out), flag])
+        recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        (step3,) = [r for r in recs if r.get("step") == 3 and "train/lr" in r]
+        assert step3["train/lr"] == pytest.approx(lr, rel=1e-12), flag
 
 
 def test_readme_reference_is_generated_from_the_tree(tmp_path):

@@ -224,6 +224,70 @@ def _intact(ckpt_root: str, step: int, fallback: bool) -> str:
     raise CheckpointCorruptError(f"{first}; --resume-fallback found no intact older checkpoint under {ckpt_root}")
 
 
+SCHEDULE_FIELDS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+                   "lr_decay_steps": "the schedule length (--train-iters / --num-steps)",
+                   "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay", "end_wd": "--weight-decay",
+                   "wd_incr_steps": "the schedule length (--train-iters / --num-steps)"}
+GROUP_SCHEDULE_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")  # per param group, in Megatron's group identity
+
+
+class ScheduleMismatchError(ValueError):
+    """A resumed run asks for another LR / weight-decay schedule than its checkpoint holds."""
+
+
+def check_schedule(scheduler, saved: dict, path: str) -> None:
+    """Refuse a changed schedule unless the run says which one wins (Megatron's rule).
+
+    ``scheduler``: this run's ``OptimizerParamScheduler``; ``saved``: its ``state_dict()`` from the
+    checkpoint at ``path``. With neither ``--override-opt_param-scheduler`` nor
+    ``--use-checkpoint-opt_param-scheduler``, Megatron's ``OptimizerParamScheduler.load_state_dict``
+    asserts equality with a bare message (megatron/core/optimizer_param_scheduler.py
+    ``_check_and_set``); this raises ``ScheduleMismatchError`` first, naming each changed value, its
+    flag and both ways out."""
+    if scheduler.override_opt_param_scheduler or scheduler.use_checkpoint_opt_param_scheduler:
+        return
+    changed = [f"{k} ({flag}): checkpoint {saved[k]!r}, this run {getattr(scheduler, k)!r}"
+               for k, flag in SCHEDULE_FIELDS.items() if k in saved and saved[k] != getattr(scheduler, k)]
+    if changed:
+        raise ScheduleMismatchError(
+            f"checkpoint {path} was saved with another optimizer schedule: " + "; ".join(changed)
+            + ". Pass --override-opt_param-scheduler to use this run's values, or "
+              "--use-checkpoint-opt_param-scheduler to keep the checkpoint's (Megatron's flags)")
+
+
+def _param_groups(tree) -> list[dict]:
+    """Every optimizer param group (a dict) in a (possibly chained) optimizer state dict."""
+    if isinstance(tree, dict):
+        groups = tree.get("param_groups")
+        if isinstance(groups, list) and all(isinstance(g, dict) for g in groups):
+            return list(groups)
+        return [g for v in tree.values() for g in _param_groups(v)]
+    if isinstance(tree, (list, tuple)):
+        return [g for v in tree for g in _param_groups(v)]
+    return []
+
+
+def reconcile_group_schedule(optimizer, saved_optimizer_sd, *, override: bool) -> None:
+    """Make the saved and the current param groups agree on ``GROUP_SCHEDULE_KEYS``.
+
+    Megatron's ``DistributedOptimizer.load_state_dict`` pairs each current param group with its
+    saved one by a tuple that includes ``max_lr`` / ``min_lr`` / ``start_wd`` / ``end_wd``
+    (``param_group_identifier_keys``), so a changed ``--lr`` fails there with a bare ``KeyError``.
+    Groups are paired on the other identifier keys; ``override``: the saved groups take this
+    run's values, else the current groups take the checkpoint's. Mutates both in place."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    others = [k for k in param_group_identifier_keys if k not in GROUP_SCHEDULE_KEYS]
+    current = [g for o in _inner_optimizers(optimizer) for g in o.param_groups]
+    saved_groups = _param_groups(saved_optimizer_sd)
+    for cur in current:
+        ident = tuple(cur.get(k) for k in others)
+        for sg in saved_groups:
+            if tuple(sg.get(k) for k in others) == ident:
+                src, dst = (cur, sg) if override else (sg, cur)
+                dst.update({k: src[k] for k in GROUP_SCHEDULE_KEYS if k in src})
+
+
 def load_checkpoint(ckpt_root: str, tr, step: int | None = None, *, fallback: bool = False) -> dict | None:
     """Load the checkpoint at ``step`` (default: latest) into ``tr`` in place, after checking
     every file against its manifest (``ckpt_integrity.verify_manifest``).
@@ -232,7 +296,9 @@ def load_checkpoint(ckpt_root: str, tr, step: int | None = None, *, fallback: bo
         CLI's ``--resume-fallback``); its ``step`` is returned, and the run continues from it.
     Returns the ``extra`` dict saved with it (plus ``step``), or None when there is nothing to
     resume. Raises FileNotFoundError if the pointer names a missing directory,
-    ``CheckpointCorruptError`` naming the damaged file (missing, truncated or altered)."""
+    ``CheckpointCorruptError`` naming the damaged file (missing, truncated or altered),
+    ``ScheduleMismatchError`` for a changed LR / weight-decay schedule without
+    ``--override-opt_param-scheduler`` / ``--use-checkpoint-opt_param-scheduler`` (``check_schedule``)."""
     from megatron.core import dist_checkpointing
 
     step = latest_step(ckpt_root) if step is None else step
@@ -244,8 +310,10 @@ def load_checkpoint(ckpt_root: str, tr, step: int | None = None, *, fallback: bo
     sd["scheduler"] = None
     sd["trainer_state"] = None
     common = dist_checkpointing.load_common_state_dict(path)
+    check_schedule(tr.scheduler, common["scheduler"], path)  # before the (long) load
     loaded = dist_checkpointing.load({k: v for k, v in sd.items() if v is not None}, path)
     tr.model.module.load_state_dict(loaded["model"])
+    reconcile_group_schedule(tr.optimizer, loaded["optimizer"], override=tr.scheduler.override_opt_param_scheduler)
     tr.optimizer.load_state_dict(loaded["optimizer"])
     tr.scheduler.num_steps = 0  # upstream load_state_dict *adds* the saved step count
     tr.scheduler.load_state_dict(common["scheduler"])

@@ -39,6 +39,10 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = True
+    # on resume (Megatron's flags): neither -> a changed schedule is refused
+    # (checkpointing.check_schedule); override -> this run's; use_checkpoint -> the checkpoint's
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
 
 
 @dataclass
@@ -86,7 +90,8 @@ def build_trainer(hf_config: dict, tconfig, optim: OptimConfig, *, use_te: bool 
         lr_decay_steps=max(optim.train_steps, optim.warmup_steps + 1),
         lr_decay_style=optim.decay_style, start_wd=optim.weight_decay,
         end_wd=optim.weight_decay, wd_incr_steps=max(optim.train_steps, 1),
-        wd_incr_style="constant",
+        wd_incr_style="constant", override_opt_param_scheduler=optim.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=optim.use_checkpoint_opt_param_scheduler,
     )
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss

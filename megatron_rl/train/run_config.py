@@ -41,7 +41,8 @@ from megatron_rl.config import section_name
 
 _CUSTOM = ("required", "repeatable", "negative_aliases", "type_fn")
 # run-control fields a resumed run is expected to change: not reported
-NOT_COMPARED = frozenset({"stop_after_steps", "no_resume", "resume_fallback"})
+NOT_COMPARED = frozenset({"stop_after_steps", "no_resume", "resume_fallback", "override_opt_param_scheduler",
+                          "use_checkpoint_opt_param_scheduler"})
 CONFIG_FILE = "config.yaml"
 
 

@@ -75,7 +75,9 @@ def setup(args, *, train_steps: int, seq_length: int | None = None, tconfig_hook
     optim = OptimConfig(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.lr_warmup_iters,
                         train_steps=train_steps, decay_style=args.lr_decay_style,
                         weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-                        use_distributed_optimizer=args.use_distributed_optimizer)
+                        use_distributed_optimizer=args.use_distributed_optimizer,
+                        override_opt_param_scheduler=args.override_opt_param_scheduler,
+                        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler)
     tr = build_trainer(hf_config, tconfig, optim, use_te=opts.use_te)
     load_hf_weights(tr.model, args.hf, hf_config)
     tr.optimizer.reload_model_params()  # main (fp32) params follow the loaded weights

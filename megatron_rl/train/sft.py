@@ -51,6 +51,8 @@ def check_optim_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
         args.min_lr = 0.1 * args.lr
     if not 0 <= args.min_lr <= args.lr:
         p.error(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        p.error("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")
 
 
 def build_parser():
