@@ -356,6 +356,36 @@ def test_resume_with_a_changed_schedule_follows_megatrons_flags(tiny_hf_dir, tmp
         assert step3["train/lr"] == pytest.approx(lr, rel=1e-12), flag
 
 
+def test_schedule_check_refuses_a_changed_schedule_unless_flat_or_flagged():
+    """checkpointing.check_schedule against a real Megatron OptimizerParamScheduler: a changed
+    length is refused for a cosine LR (naming the field) and accepted for a constant one (the
+    checkpoint's length is taken, so Megatron's own equality check then passes); either flag
+    skips the check."""
+    from types import SimpleNamespace
+
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_rl.train.checkpointing import ScheduleMismatchError, check_schedule
+
+    def sched(style, steps, **flags):
+        return OptimizerParamScheduler(SimpleNamespace(param_groups=[{}]), init_lr=0.0, max_lr=1e-3,
+                                       min_lr=1e-4, lr_warmup_steps=0, lr_decay_steps=steps, lr_decay_style=style,
+                                       start_wd=0.0, end_wd=0.0, wd_incr_steps=steps, wd_incr_style="constant",
+                                       use_checkpoint_opt_param_scheduler=False, **flags)
+
+    with pytest.raises(ScheduleMismatchError, match=r"lr_decay_steps \(the schedule length.*checkpoint 2, this run 3"):
+        check_schedule(sched("cosine", 3), sched("cosine", 2).state_dict(), "ckpt/iter_0000002")
+    flat = sched("constant", 3)
+    check_schedule(flat, sched("constant", 2).state_dict(), "ckpt")
+    assert flat.lr_decay_steps == 2 and flat.wd_incr_steps == 2
+    flat.load_state_dict(sched("constant", 2).state_dict())  # Megatron's check agrees now
+    with pytest.raises(ScheduleMismatchError, match=r"max_lr \(--lr\)"):
+        other = sched("constant", 2)
+        other.max_lr = 5e-4
+        check_schedule(other, sched("constant", 2).state_dict(), "ckpt")
+    check_schedule(sched("cosine", 3, override_opt_param_scheduler=True), sched("cosine", 2).state_dict(), "c")
+
+
 def test_readme_reference_is_generated_from_the_tree(tmp_path):
     from conftest import load_tool
 

@@ -67,7 +67,7 @@ def test_grpo_two_steps(tiny_hf_dir, data_dir, tmp_path):
     assert (out / "checkpoints" / "iter_0000002").is_dir()
     # resume: a longer run in the same dir continues from step 2; the startup sync gives the
     # engines the *trained* weights (else the mismatch would be that of 2 updates, >> 1e-5)
-    argv = _argv(tiny_hf_dir, data_dir, out)
+    argv = _argv(tiny_hf_dir, data_dir, out, "--override-opt_param-scheduler")  # 3-step cosine, not 2
     argv[argv.index("--num-steps") + 1] = "3"
     (res,) = run_distributed(run_grpo, 1, argv)
     recs = {r["step"]: r for r in map(json.loads, open(out / "metrics.jsonl"))}

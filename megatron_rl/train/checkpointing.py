@@ -243,9 +243,16 @@ def check_schedule(scheduler, saved: dict, path: str) -> None:
     ``--use-checkpoint-opt_param-scheduler``, Megatron's ``OptimizerParamScheduler.load_state_dict``
     asserts equality with a bare message (megatron/core/optimizer_param_scheduler.py
     ``_check_and_set``); this raises ``ScheduleMismatchError`` first, naming each changed value, its
-    flag and both ways out."""
+    flag and both ways out. A changed length alone passes where the schedule is flat (constant LR
+    on both sides / constant weight decay): extending such a run needs no flag."""
     if scheduler.override_opt_param_scheduler or scheduler.use_checkpoint_opt_param_scheduler:
         return
+    # a schedule's length is moot where it is flat: a constant LR on both sides, and a constant
+    # weight decay (start == end): take the checkpoint's, so Megatron's equality check passes
+    if saved.get("lr_decay_style") == "constant" == scheduler.lr_decay_style:
+        scheduler.lr_decay_steps = saved.get("lr_decay_steps", scheduler.lr_decay_steps)
+    if saved.get("start_wd") == saved.get("end_wd") and scheduler.start_wd == scheduler.end_wd:
+        scheduler.wd_incr_steps = saved.get("wd_incr_steps", scheduler.wd_incr_steps)
     changed = [f"{k} ({flag}): checkpoint {saved[k]!r}, this run {getattr(scheduler, k)!r}"
                for k, flag in SCHEDULE_FIELDS.items() if k in saved and saved[k] != getattr(scheduler, k)]
     if changed:
