@@ -396,7 +396,7 @@ def test_disk_full_save_says_so_and_keeps_previous_checkpoint(tiny_hf_dir, sft_d
             res = run_distributed(sft_attempts, 1, [
                 ([], _sft_argv(tiny_hf_dir, sft_data, small / "run", 1)),
                 ([], _sft_argv(tiny_hf_dir, sft_data, big / "run", 1)),
-                ([], _sft_argv(tiny_hf_dir, sft_data, big / "run", 2)),
+                ([], _sft_argv(tiny_hf_dir, sft_data, big / "run", 2, "--override-opt_param-scheduler")),  # longer schedule
                 ([], _sft_argv(tiny_hf_dir, sft_data, big / "run", 1)),  # resume from iter 1: loads it
             ])[0]
             ck_small, ck_big = small / "run" / "checkpoints", big / "run" / "checkpoints"
