@@ -90,9 +90,9 @@ def _bare_worker(rank: int, world: int, argv: list[str], steps_shapes: list, voc
     from megatron_rl.train.logprobs import causal_mask
     from megatron_rl.train.setup import setup
 
-    args, cfg = parse_args(argv)
+    args, _ = parse_args(argv)
     # same model / optimizer config as the RL run (build_trainer + load_hf_weights)
-    tr = setup(args, train_steps=cfg.num_steps * cfg.mini_batches_per_rollout).trainer
+    tr = setup(args, train_steps=args.train_iters).trainer
     dev = next(tr.model.parameters()).device
     gen = torch.Generator().manual_seed(0)
 

@@ -341,9 +341,8 @@ def build_policy(args, cfg: RLConfig) -> tuple[Trainer, object, int, torch.nn.Mo
     hook = None
     if cfg.routing_replay != "off" or cfg.routing_flip_rate:
         from megatron_rl.moe.routing_replay import enable_routing_replay as hook
-    # the LR schedule runs over optimizer steps: k per RL step
-    tr, tok, _, token_multiple = setup(args, train_steps=cfg.num_steps * cfg.mini_batches_per_rollout,
-                                       tconfig_hook=hook)
+    # the LR schedule runs over optimizer steps: k per RL step (grpo_args.parse_args)
+    tr, tok, _, token_multiple = setup(args, train_steps=args.train_iters, tconfig_hook=hook)
     if args.fp8_qat:
         from megatron_rl.quant.qat import apply_fp8_qat
         apply_fp8_qat(tr.model)
